@@ -1,0 +1,42 @@
+import os, sys, shutil, subprocess, socket
+from pathlib import Path
+import pytest
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false'); os.environ.setdefault('MPLBACKEND', 'Agg')
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT/'tests'/'_artifacts'
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: takes more than a minute')
+    config.addinivalue_line('markers', 'cuda: needs a GPU')
+
+@pytest.fixture(scope='session')
+def root(): return ROOT
+
+@pytest.fixture(scope='session')
+def artifacts():
+    ARTIFACTS.mkdir(parents=True, exist_ok=True); return ARTIFACTS
+
+def vlm_nb_cmd():
+    "The `vlm-nb` console script when installed, else `python -m vlm_nb.cli`."
+    exe = shutil.which('vlm-nb')
+    return [exe] if exe else [sys.executable, '-m', 'vlm_nb.cli']
+
+def run_cli(*args, input=None, timeout=600, cwd=None, env=None):
+    "Run `vlm-nb ARGS` in a subprocess and return the CompletedProcess."
+    return subprocess.run(vlm_nb_cmd() + [str(a) for a in args], input=input, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})})
+
+@pytest.fixture(scope='session')
+def cli(): return run_cli
+
+def free_port():
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+def chromium():
+    return shutil.which('chromium') or shutil.which('chromium-browser') or shutil.which('google-chrome')
+
+CHROME_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                '--disable-background-networking', '--disable-component-update', '--disable-sync',
+                '--disable-dev-shm-usage']

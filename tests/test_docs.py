@@ -1,0 +1,37 @@
+"The offline docs site renders every notebook, and a headless browser shows a real page."
+import subprocess, json, re
+from pathlib import Path
+import pytest
+from conftest import chromium, CHROME_FLAGS, ROOT
+
+@pytest.fixture(scope='module')
+def site(tmp_path_factory, cli):
+    out = tmp_path_factory.mktemp('site')
+    r = cli('docs', '--out', out, '--no-quarto', '--json', cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out, json.loads(r.stdout.strip().splitlines()[-1])
+
+def test_every_notebook_has_a_page(site):
+    out, info = site
+    nbs = [p for p in (ROOT/'nbs').glob('*.ipynb') if not p.name.startswith('_')]
+    pages = {p.stem for p in out.glob('*.html')}
+    assert {('index' if p.stem == 'index' else p.stem) for p in nbs} <= pages
+    idx = (out/'index.html').read_text()
+    for p in nbs:
+        if p.stem != 'index': assert f'href="{p.stem}.html"' in idx
+
+@pytest.mark.skipif(chromium() is None, reason='Debian chromium is not installed')
+def test_page_in_headless_chromium(site, artifacts):
+    out, _ = site
+    page = out/'00_data.html'
+    dom = subprocess.run([chromium(), *CHROME_FLAGS, '--user-data-dir=' + str(out/'.chrome'), '--dump-dom', page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert '<nav>' in dom and 'Data model' in dom
+    assert 'record_to_sample' in dom            # API docs made it to the page
+    assert re.search(r'<a href="15_cli.html"', dom)  # the navigation links the other pages
+    shot = artifacts/'docs_00_data.png'
+    subprocess.run([chromium(), *CHROME_FLAGS, '--user-data-dir=' + str(out/'.chrome2'), '--window-size=1200,900',
+                    f'--screenshot={shot}', page.as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+    im = Image.open(shot).convert('L'); lo, hi = im.getextrema()
+    assert im.size == (1200, 900) and hi - lo > 100   # not a blank page
