@@ -1,0 +1,56 @@
+"""`transformers serve` answers an OpenAI chat request with an image for a tiny native-family checkpoint.
+
+Needs fastapi, uvicorn and openai (`pip install fastapi uvicorn openai`). The server runs through
+tests/_serve_launcher.py, which only lets the Qwen-VL processor load without torchvision (see its docstring)."""
+import base64, io, os, socket, subprocess, sys, time, urllib.request
+from pathlib import Path
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+def _healthy(port):
+    try:
+        with urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2) as r: return r.status == 200
+    except Exception: return False
+
+@pytest.fixture(scope='module')
+def server(tmp_path_factory):
+    for mod in ('fastapi', 'uvicorn', 'openai'): pytest.importorskip(mod, reason=f'transformers serve needs {mod}')
+    from vlm_nb.models import make_tiny
+    ckpt = make_tiny('qwen2_5_vl', tmp_path_factory.mktemp('tiny') / 'qwen2_5_vl')
+    port, log = _free_port(), tmp_path_factory.mktemp('log') / 'serve.log'
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false'}
+    cmd = [sys.executable, str(REPO / 'tests' / '_serve_launcher.py'), 'serve', str(ckpt), '--host', '127.0.0.1',
+           '--port', str(port), '--device', 'cpu']
+    with open(log, 'w') as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not _healthy(port):
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.skip(f'transformers serve did not start (rc={proc.poll()}): {log.read_text()[-800:]}')
+            time.sleep(1)
+        yield dict(url=f'http://127.0.0.1:{port}/v1', model=str(ckpt))
+    finally:
+        proc.terminate()
+        try: proc.wait(timeout=15)
+        except subprocess.TimeoutExpired: proc.kill(); proc.wait(timeout=15)
+
+def test_chat_with_image(server):
+    from openai import OpenAI
+    from PIL import Image
+    buf = io.BytesIO(); Image.new('RGB', (448, 448), (200, 30, 30)).save(buf, 'PNG')
+    url = 'data:image/png;base64,' + base64.b64encode(buf.getvalue()).decode()
+    client = OpenAI(base_url=server['url'], api_key='none', timeout=90, max_retries=0)
+    r = client.chat.completions.create(model=server['model'], max_tokens=4, temperature=0, messages=[
+        {'role': 'user', 'content': [{'type': 'image_url', 'image_url': {'url': url}}, {'type': 'text', 'text': 'What is this?'}]}])
+    assert isinstance(r.choices[0].message.content, str) and r.choices[0].message.content
+    assert r.usage.completion_tokens == 4
+    # the 448×448 image became 256 <|image_pad|> tokens (tiny checkpoint: max_pixels 448², patch 14, merge 2)
+    assert r.usage.prompt_tokens > 256
