@@ -43,7 +43,7 @@ setuptools.setup(
     url = cfg['git_url'],
     packages = setuptools.find_packages(exclude=['tests', 'tests.*']),
     include_package_data = True,
-    package_data = {'vlm_nb': ['configs/*.json', 'configs/*.yaml', 'tools/*.py', 'assets/*']},
+    package_data = {'vlm_nb': ['configs/*.json', 'configs/*.yaml', 'assets/*']},
     install_requires = requirements,
     extras_require = extras,
     dependency_links = cfg.get('dep_links','').split(),
