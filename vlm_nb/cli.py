@@ -17,6 +17,8 @@ COMMANDS = {
     ('data', 'validate'): ('vlm_nb.validate:validate_main', 'check a dataset file: images, <image> counts, roles, tool calls, placeholders'),
     ('data', 'convert'):  ('vlm_nb.validate:convert_main', 'convert a dataset between llava, messages and qna layouts'),
     ('data', 'split'):    ('vlm_nb.validate:split_main', 'split a dataset by image into train/val (no image in two splits)'),
+    ('gen', 'synthetic'): ('vlm_nb.synthetic:gen_synthetic_main', 'procedural scenes with RefCOCO-format annotations (HF jxu124 and refs(unc).p layouts)'),
+    ('gen', 'identity'):  ('vlm_nb.identity:gen_identity_main', 'identity (Identify tool) dataset from RefCOCO-format person annotations'),
     ('tiny',):            ('vlm_nb.models:tiny_main', 'write a tiny random checkpoint of a model family (config, weights, tokenizer, processor)'),
     ('bench',):           ('vlm_nb.bench:bench_main', 'run a benchmark and print its ratios (collator, toolloop, train, refcoco)'),
     ('docs',):            ('vlm_nb.cli:docs_main', 'render the documentation site from the notebooks, offline'),
