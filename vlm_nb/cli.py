@@ -78,14 +78,32 @@ def _title_of(nb) -> str:
             if m: return m.group(1).strip().strip('"')
     return 'untitled'
 
+def _frontmatter(src: str) -> dict:
+    import yaml
+    try: return yaml.safe_load(src.strip().strip('-')) or {}
+    except Exception: return {}
+
 def _strip_directives(nb):
+    "Apply Quarto cell options (echo, output, include) the way Quarto would, then drop the option lines."
+    keep = []
     for c in nb.cells:
-        if c.cell_type == 'code': c.source = '\n'.join(l for l in c.source.splitlines() if not l.startswith('#|')).strip('\n')
-        if c.cell_type == 'raw' and c.source.startswith('---'):  # quarto front matter → a heading
-            m = re.search(r'title:\s*"?(.+?)"?\s*$', c.source, re.M); d = re.search(r'description:\s*"?(.+?)"?\s*$', c.source, re.M)
-            c.cell_type = 'markdown'; c.source = (f'# {m.group(1)}' if m else '') + (f'\n\n> {d.group(1)}' if d else '')
-            c.pop('attachments', None)
-    nb.cells = [c for c in nb.cells if c.cell_type != 'code' or c.source.strip() or c.get('outputs')]
+        if c.cell_type == 'raw' and c.source.startswith('---'):  # nbdev front matter → title + purpose
+            fm = _frontmatter(c.source)
+            c.cell_type = 'markdown'; c.pop('attachments', None)
+            c.source = (f"# {fm['title']}" if fm.get('title') else '') + (f"\n\n> {fm['description']}" if fm.get('description') else '')
+        if c.cell_type == 'code':
+            opts = dict(re.findall(r'^#\|\s*([\w-]+):\s*(\S+)', c.source, re.M))
+            if opts.get('include') == 'false': continue
+            tags = c.metadata.setdefault('tags', [])
+            if opts.get('echo') == 'false': tags.append('remove_input')
+            if opts.get('output') == 'false': tags.append('remove_output')
+            c.source = '\n'.join(l for l in c.source.splitlines() if not l.startswith('#|')).strip('\n')
+            for o in c.get('outputs', []):   # Quarto link attributes mean nothing to a plain renderer
+                d = o.get('data', {})
+                if 'text/markdown' in d: d['text/markdown'] = re.sub(r'\{target="_blank"[^}]*\}', '', d['text/markdown'])
+            if not c.source.strip() and not c.get('outputs'): continue
+        keep.append(c)
+    nb.cells = keep
     return nb
 
 def render_docs(out, # output folder
@@ -112,7 +130,12 @@ def render_docs(out, # output folder
         nb = _strip_directives(nbformat.read(nbp, as_version=4))
         pages.append((nbp, nb, _title_of(nb), ('index' if nbp.stem == 'index' else nbp.stem) + '.html'))
     pages.sort(key=lambda p: (p[3] != 'index.html', p[0].name))
-    exporter = HTMLExporter(template_name='basic')
+    from traitlets.config import Config
+    from nbconvert.preprocessors import TagRemovePreprocessor
+    c = Config(); c.TagRemovePreprocessor.remove_input_tags = {'remove_input'}; c.TagRemovePreprocessor.remove_all_outputs_tags = {'remove_output'}
+    c.TagRemovePreprocessor.enabled = True
+    exporter = HTMLExporter(template_name='basic', config=c, exclude_input_prompt=True, exclude_output_prompt=True)
+    exporter.register_preprocessor(TagRemovePreprocessor(config=c), enabled=True)
     for nbp, nb, title, fname in pages:
         body, _ = exporter.from_notebook_node(nb)
         nav = ''.join(f'<a href="{f}"{" class=cur" if f == fname else ""}>{html.escape(t)}</a>' for _, _, t, f in pages)
