@@ -1,0 +1,168 @@
+"Heavier checks of vlm_nb.sequences: every family, real samples, constructed cases, tiny-model forward passes, a property test."
+import os, tempfile
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+import numpy as np, pytest, torch
+from PIL import Image
+from hypothesis import given, settings, strategies as st, HealthCheck
+from vlm_nb.data import Sample, Turn, read_dataset, shared_path
+from vlm_nb.models import FAMILIES, get_adapter, make_tiny, load_model
+from vlm_nb.sequences import *
+
+def adapter(fam):
+    return get_adapter(fam, max_tiles=1) if fam == 'internvl3_5' else get_adapter(fam)
+
+_ADS = {}
+def ad_for(fam):
+    if fam not in _ADS: _ADS[fam] = adapter(fam)
+    return _ADS[fam]
+
+IMG = Image.new('RGB', (200, 160), (20, 120, 220))
+SYS = "You can use Crop and Identify tools."
+
+def expected_trained(s): return ''.join(body_text(split_assistant(t.text)) + '<|im_end|>' for t in s.assistant_turns)
+
+def n_crops(s):
+    "Usable Crop calls without a response in the data (none can run when the sample has no image)."
+    if not s.images: return 0
+    return sum(1 for t in s.assistant_turns for p in split_assistant(t.text)
+               if p.kind == 'slot' and not p.answered and p.call.ok and p.call.name == 'Crop')
+
+CASES = {
+    'several_calls': ("<think>\nFirst <tool_call>Crop [0, 0, 50, 50]</tool_call><image>\nthen <tool_call>Crop [10, 10, 120, 90]</tool_call><image> and "
+                      "<tool_call>Crop [100, 20, 200, 160]</tool_call>\nok\n</think>\n<answer>Three crops.</answer>"),
+    'response_whitespace': ("<think>\n<tool_call>Identify [1.0,2.0,30.0,40.0]</tool_call>\n\n<tool_response>Ann</tool_response>  \n"
+                            "<tool_call>Identify [5.0,5.0,60.0,70.0]</tool_call> <tool_response>\nBo\n</tool_response>\nDone.\n</think>\n<answer>Ann and Bo.</answer>"),
+    'names': ("<think>\n<tool_call>Identify [1.0,2.0,30.0,40.0]</tool_call><tool_response>Liam O'Connor</tool_response>"
+              "The first is Liam\u202fO'Connor; then <tool_call>Identify [3.0,4.0,50.0,60.0]</tool_call><tool_response>Zoë Ångström 李</tool_response>"
+              "\n</think>\n<answer>Liam O'Connor and Zoë Ångström 李.</answer>"),
+    'no_think': "A plain answer without thinking.",
+    'mentions_tool_response': "<think>\nNo tool_response is needed; the word tool_response is just text.\n</think>\n<answer>Yes.</answer>",
+}
+
+def case_sample(name, body):
+    return Sample([Turn('system', SYS), Turn('user', '<image>\nQuestion?'), Turn('assistant', body)], images=[IMG], id=name)
+
+def multi_turn():
+    return Sample([Turn('system', SYS), Turn('user', '<image>\nWhat is it?'), Turn('assistant', CASES['several_calls']),
+                   Turn('user', 'And who?'), Turn('assistant', CASES['names']), Turn('user', 'Short?'), Turn('assistant', 'Yes.')],
+                  images=[IMG], id='multi')
+
+@pytest.mark.parametrize('fam', FAMILIES)
+def test_constructed_cases(fam):
+    ad = ad_for(fam)
+    samples = [case_sample(k, v) for k, v in CASES.items()] + [multi_turn()]
+    b = SequenceBuilder(ad)
+    seqs = b.build_many(samples, align=True)
+    assert b.report.skipped == []
+    for s, q in zip(samples, seqs):
+        assert ''.join(q.trained_spans()) == expected_trained(s), s.id
+        assert q.n_images == len(s.images) + n_crops(s)
+        assert q.n_image_tokens == sum(len(blk.token_ids) for blk in q.blocks)
+        lab = q.labels
+        assert (lab[q.roles != TRAINED] == -100).all() and (lab[q.roles == TRAINED] >= 0).all()
+        for a, e in q.runs(TOOL_RESPONSE):    # every masked response run is a whole response
+            t = ad.tokenizer.decode(q.input_ids[a:e].tolist())
+            assert t.startswith('<tool_response>') and t.endswith('</tool_response>')
+        for (a, e), src in zip(q.block_spans, q.block_sources):   # each tool image right after its </tool_call>
+            if src == 'tool': assert q.input_ids[a - 1] == ad.tid('</tool_call>')
+        # system and user text is never trained
+        tr = ''.join(q.trained_spans())
+        assert SYS not in tr and 'Question?' not in tr
+
+@pytest.mark.parametrize('fam', FAMILIES)
+def test_last_turn_only_and_prompt_cache(fam):
+    ad = ad_for(fam)
+    q = SequenceBuilder(ad, train_turns='last').build(multi_turn())
+    assert ''.join(q.trained_spans()) == 'Yes.<|im_end|>'
+    assert (q.roles == CONTEXT).sum() > 0
+    full = SequenceBuilder(ad).build(multi_turn())
+    assert np.array_equal(full.input_ids, q.input_ids)    # same tokens, different labels
+    # the prompt part equals the adapter's own encoding of the rendered prompt
+    s = case_sample('no_think', CASES['no_think'])
+    seq = SequenceBuilder(ad).build(s)
+    prompt = ad.render_prompt([{'role': 'system', 'content': SYS}, {'role': 'user', 'content': '<image>\nQuestion?'}],
+                              add_generation_prompt=True, enable_thinking=False)
+    ids = ad.encode_with_images(prompt, seq.blocks[:1])
+    assert seq.input_ids[:len(ids)].tolist() == ids
+
+@pytest.mark.parametrize('fam', FAMILIES)
+def test_shared_samples(fam):
+    root = shared_path('samples')
+    if root is None: pytest.skip('../shared/samples not present')
+    b = SequenceBuilder(ad_for(fam), missing='placeholder', image_root=root/'images', pixels=False)
+    for f in sorted(root.glob('*.json*')):
+        ds = read_dataset(f)
+        for s, q in zip(ds.samples, b.build_many(ds.samples, align=True)):
+            if q is None: continue
+            assert ''.join(q.trained_spans()) == expected_trained(s), (f.name, q.id)
+            assert q.n_images == len(s.images) + n_crops(s), (f.name, q.id)
+    assert [r for _, r in b.report.skipped] == ['video samples are not supported by the sequence builder']
+
+def test_truncation_never_cuts_an_image():
+    ad = ad_for('qwen2_5_vl')
+    s = case_sample('several_calls', CASES['several_calls'])
+    full = SequenceBuilder(ad).build(s)
+    a, e = full.block_spans[2]
+    b = SequenceBuilder(ad, max_length=(a + e)//2)
+    q = b.build(s)
+    assert len(q) == a and q.n_images == 2 and q.trimmed == len(full) - a
+    assert b.report.trimmed and b.report.trimmed[0][0] == 'several_calls'
+    b = SequenceBuilder(ad, max_length=(a + e)//2, overflow='skip')
+    assert b.build(s) is None and 'too long' in b.report.skipped[0][1]
+    b = SequenceBuilder(ad, max_length=5)
+    assert b.build(s) is None and 'nothing trained' in b.report.skipped[0][1]
+
+@pytest.mark.parametrize('fam', FAMILIES)
+def test_forward_pad_and_pack_agree(fam):
+    d = make_tiny(fam, tempfile.mkdtemp())
+    model, ad = load_model(d, **({'max_tiles': 1} if fam == 'internvl3_5' else {}))
+    small = Image.new('RGB', (96, 80), (200, 30, 30))
+    samples = [Sample([Turn('system', SYS), Turn('user', '<image>\nQ?'), Turn('assistant', CASES['several_calls'].replace('200, 160', '96, 80'))],
+                      images=[small], id='a'),
+               Sample([Turn('user', 'Hi'), Turn('assistant', 'Hello.'), Turn('user', 'More?'), Turn('assistant', CASES['names'])], id='b'),
+               Sample([Turn('user', '<image>\nWhat?'), Turn('assistant', 'A red square.')], images=[small], id='c')]
+    seqs = SequenceBuilder(ad).build_many(samples)
+    assert len(seqs) == 3
+    with torch.no_grad():
+        lp = float(ad.forward(model, **pad_collate(seqs, ad)).loss)
+        lk = float(ad.forward(model, **pack_collate(seqs, ad)).loss)
+        lm = float(ad.forward(model, **pack_collate(seqs, ad, attention='mask')).loss)
+    assert np.isfinite(lp) and abs(lk - lp) < 1e-4 and abs(lm - lp) < 1e-4, (lp, lk, lm)
+
+# --- property test: random conversations ---
+_text = st.text(alphabet="abcxyz éß'\n.,:<>/_-", min_size=0, max_size=30)
+_name = st.text(alphabet="ABCabc 'éÅ李-", min_size=1, max_size=12).filter(lambda s: s.strip())
+_box = st.tuples(st.integers(0, 150), st.integers(0, 120), st.integers(10, 50), st.integers(10, 40)).map(
+    lambda t: [t[0], t[1], t[0] + t[2], t[1] + t[3]])
+_piece = st.one_of(
+    _text, st.just(' tool_response '),
+    st.builds(lambda b, m: f"<tool_call>Crop [{b[0]}, {b[1]}, {b[2]}, {b[3]}]</tool_call>" + m, _box, st.sampled_from(['', '<image>', '\n<image>'])),
+    st.builds(lambda b, ws, n: f"<tool_call>Identify [{b[0]:.1f},{b[1]:.1f},{b[2]:.1f},{b[3]:.1f}]</tool_call>{ws}<tool_response>{n}</tool_response>",
+              _box, st.sampled_from(['', ' ', '\n', '\n\n ']), _name))
+_body = st.lists(_piece, min_size=1, max_size=6).map(''.join).filter(lambda s: s.strip())
+
+@st.composite
+def conversations(draw):
+    turns = [Turn('system', draw(_text) or 'S')] if draw(st.booleans()) else []
+    n_img = draw(st.integers(0, 1))
+    for k in range(draw(st.integers(1, 3))):
+        u = draw(_text) or 'q'
+        turns += [Turn('user', ('<image>\n' if (k == 0 and n_img) else '') + u), Turn('assistant', draw(_body))]
+    return Sample(turns, images=[IMG] * n_img, id='h')
+
+@pytest.mark.parametrize('fam', ['internvl3_5', 'qwen2_5_vl'])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(s=conversations())
+def test_property_random_conversations(fam, s):
+    ad = ad_for(fam)
+    q = SequenceBuilder(ad, pixels=False).build(s)
+    assert q is not None
+    lab = q.labels
+    trained = lab != -100
+    assert (q.roles[trained] == TRAINED).all()                                  # labels only on assistant tokens
+    assert not trained[q.roles == TOOL_RESPONSE].any() and not trained[q.roles == IMAGE].any()
+    assert ''.join(q.trained_spans()) == expected_trained(s)
+    assert q.n_image_tokens == sum(len(b.token_ids) for b in q.blocks) == sum(e - a for a, e in q.block_spans)
+    assert q.n_images == len(s.images) + n_crops(s)
+    resp = [ad.tokenizer.decode(q.input_ids[a:e].tolist()) for a, e in q.runs(TOOL_RESPONSE)]
+    assert all(r.startswith('<tool_response>') and r.endswith('</tool_response>') for r in resp)
