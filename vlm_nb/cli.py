@@ -18,12 +18,14 @@ COMMANDS = {
     ('data', 'convert'):  ('vlm_nb.validate:convert_main', 'convert a dataset between llava, messages and qna layouts'),
     ('data', 'split'):    ('vlm_nb.validate:split_main', 'split a dataset by image into train/val (no image in two splits)'),
     ('gen', 'synthetic'): ('vlm_nb.synthetic:gen_synthetic_main', 'procedural scenes with RefCOCO-format annotations (HF jxu124 and refs(unc).p layouts)'),
+    ('gen', 'refcoco'):   ('vlm_nb.refcoco:gen_refcoco_main', 'RefCOCO crop-tool dataset: merge, generate (template|openai|hf), repair, convert, filter, report'),
     ('gen', 'identity'):  ('vlm_nb.identity:gen_identity_main', 'identity (Identify tool) dataset from RefCOCO-format person annotations'),
     ('masks',):           ('vlm_nb.sequences:masks_main', 'show which tokens of each sample are trained, masked, tool responses or images (--json | --html)'),
     ('eval', 'rec'):      ('vlm_nb.eval:eval_rec_main', 'referring-expression comprehension Acc@IoU>=0.5 with a Wilson 95% interval'),
     ('eval', 'tools'):    ('vlm_nb.eval:eval_tools_main', 'tool-use metrics on a tool-calling dataset: call rate/validity, crop IoU, accuracy, identity, self-written responses'),
     ('tiny',):            ('vlm_nb.models:tiny_main', 'write a tiny random checkpoint of a model family (config, weights, tokenizer, processor)'),
     ('bench',):           ('vlm_nb.bench:bench_main', 'run a benchmark and print its ratios (collator, toolloop, train, refcoco)'),
+    ('webui',):           ('vlm_nb.webui:webui_main', 'gradio web UI: ask with image + tools, watch tool calls and crops stream, replay trajectories'),
     ('docs',):            ('vlm_nb.cli:docs_main', 'render the documentation site from the notebooks, offline'),
 }
 
