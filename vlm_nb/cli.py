@@ -21,6 +21,8 @@ COMMANDS = {
     ('gen', 'refcoco'):   ('vlm_nb.refcoco:gen_refcoco_main', 'RefCOCO crop-tool dataset: merge, generate (template|openai|hf), repair, convert, filter, report'),
     ('gen', 'identity'):  ('vlm_nb.identity:gen_identity_main', 'identity (Identify tool) dataset from RefCOCO-format person annotations'),
     ('masks',):           ('vlm_nb.sequences:masks_main', 'show which tokens of each sample are trained, masked, tool responses or images (--json | --html)'),
+    ('train', 'grpo'):    ('vlm_nb.grpo:train_grpo_main', 'GRPO with tools executed inside the rollouts; rewards for answers, identity, crops, format; penalties that cannot be gamed'),
+    ('infer',):           ('vlm_nb.engine:infer_main', 'tool-augmented inference: one image, a folder/dataset (batch, resumable) or a video; local model or server'),
     ('eval', 'rec'):      ('vlm_nb.eval:eval_rec_main', 'referring-expression comprehension Acc@IoU>=0.5 with a Wilson 95% interval'),
     ('eval', 'tools'):    ('vlm_nb.eval:eval_tools_main', 'tool-use metrics on a tool-calling dataset: call rate/validity, crop IoU, accuracy, identity, self-written responses'),
     ('tiny',):            ('vlm_nb.models:tiny_main', 'write a tiny random checkpoint of a model family (config, weights, tokenizer, processor)'),

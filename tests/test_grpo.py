@@ -1,0 +1,191 @@
+"""GRPO with tools in the rollouts: rewards against adversarial completions, advantages by hand, zero gradient on
+masked tokens of real rollouts, a CPU run that is killed and resumed to the same numbers, and the CLI."""
+import contextlib, dataclasses, io, json, math, os
+from pathlib import Path
+import pytest, torch
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+from vlm_nb.grpo import (GRPOConfig, GRPOTask, Rollout, RewardWeights, simulate_rollout, score_rollout, synthetic_tasks,
+                         group_advantages, token_logprobs, policy_loss, loss_weights, prepare_policy, generate_group,
+                         train_grpo, train_grpo_main, load_grpo_config, _unwrap)
+from vlm_nb.sequences import PROMPT, TRAINED, TOOL_RESPONSE, IMAGE
+from vlm_nb.tools import ToolRegistry
+from vlm_nb.builtin_tools.crop_tool import CropTool
+from vlm_nb.builtin_tools.identify_tool import IdentifyTool
+
+FAST = dict(prompts_per_step=1, num_generations=2, scripted='call', scripted_jitter=0.3, max_new_tokens=6, lr=1e-3,
+            adapter={'max_pixels': 160*160}, synthetic_images=2)
+
+
+@pytest.fixture(scope='module')
+def data():
+    tasks, gallery = synthetic_tasks(2)
+    reg = ToolRegistry([CropTool(), IdentifyTool(gallery)])
+    crop = next(t for t in tasks if t.meta['kind'] == 'crop')
+    ident = next(t for t in tasks if t.meta['kind'] == 'identify' and len(t.names) == 1)
+    return tasks, gallery, reg, crop, ident
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    "A tiny random Qwen2.5-VL checkpoint folder, shared by the tests."
+    from vlm_nb.models import make_tiny
+    return str(make_tiny('qwen2_5_vl', tmp_path_factory.mktemp('tiny')/'model', seed=0))
+
+
+def _b(b): return '[' + ', '.join(f'{v:.0f}' for v in b) + ']'
+
+
+def test_adversarial_rewards(data):
+    _, _, reg, crop, ident = data
+    W, H = crop.images[0].size
+    cb, pb, name, ans = crop.boxes[0], ident.boxes[0], ident.names[0], crop.answer
+    pad = [cb[0] - 4, cb[1] - 4, cb[2] + 4, cb[3] + 4]
+    crop_cases = {
+        'good': f"<think>\n<tool_call>Crop {_b(pad)}</tool_call>\nIt shows {ans}.\n</think>\n<answer>{ans}</answer>",
+        'empty': '',
+        'no_tool': f"<think>\nEasy.\n</think>\n<answer>{ans}</answer>",
+        'inverted': f"<think>\n<tool_call>Crop {_b([cb[2], cb[3], cb[0], cb[1]])}</tool_call>\n</think>\n<answer>{ans}</answer>",
+        'outside': f"<think>\n<tool_call>Crop {_b([W + 5, H + 5, W + 50, H + 50])}</tool_call>\n</think>\n<answer>{ans}</answer>",
+        'unclosed_answer': f"<think>\n<tool_call>Crop {_b(pad)}</tool_call>\n</think>\n<answer>{ans}",
+        'over_budget': "<think>\n" + f"<tool_call>Crop {_b(pad)}</tool_call>\n"*4 + f"</think>\n<answer>{ans}</answer>",
+    }
+    id_cases = {
+        'good': f"<think>\n<tool_call>Identify {_b(pb)}</tool_call>\nThe tool says {name}.\n</think>\n<answer>{name}</answer>",
+        'hallucinated': f"<think>\n<tool_response>{name}</tool_response>\n</think>\n<answer>{name}</answer>",
+        'call_and_own_response': f"<think>\n<tool_call>Identify {_b(pb)}</tool_call><tool_response>{name}</tool_response>\n</think>\n<answer>{name}</answer>",
+        'no_tool': f"<think>\nI know.\n</think>\n<answer>{name}</answer>",
+        'wrong_box': f"<think>\n<tool_call>Identify [0, 0, 15, 15]</tool_call>\n</think>\n<answer>{name}</answer>",
+        'name_spam': f"<think>\n<tool_call>Identify {_b(pb)}</tool_call>\n</think>\n<answer>{name}, Ada Abe, Zoe Li</answer>",
+    }
+    sc = {k: score_rollout(simulate_rollout(s, crop.images, reg, max_turns=2), crop) for k, s in crop_cases.items()}
+    si = {k: score_rollout(simulate_rollout(s, ident.images, reg, max_turns=2), ident) for k, s in id_cases.items()}
+    # every adversarial case strictly below the good trajectory of its task
+    for k, d in sc.items():
+        if k != 'good': assert d['total'] < sc['good']['total'], (k, d)
+    for k, d in si.items():
+        if k != 'good': assert d['total'] < si['good']['total'], (k, d)
+    # concrete numbers
+    assert sc['empty']['total'] == -1.0 and sc['empty']['empty_answer'] == -1.0
+    assert sc['unclosed_answer']['empty_answer'] == -1.0 and sc['unclosed_answer']['answer'] == 0.0
+    assert si['good'] == {'answer': 1., 'identity': 1., 'crop': 0., 'format': 1., 'self_response': 0., 'empty_answer': 0.,
+                          'turn_budget': 0., 'total': pytest.approx(1.7)}
+    assert si['hallucinated']['self_response'] == -1.0 and si['hallucinated']['identity'] == 0.0
+    assert si['hallucinated']['total'] == pytest.approx(0.2)
+    assert si['call_and_own_response']['self_response'] == -1.0 and si['call_and_own_response']['identity'] == 1.0
+    assert si['no_tool']['total'] == pytest.approx(1.2) and si['wrong_box']['identity'] == 0.0
+    assert si['name_spam']['answer'] == 0.0
+    good_iou = sc['good']['crop']
+    assert 0.5 < good_iou < 1.0 and sc['good']['total'] == pytest.approx(1.2 + 0.5*good_iou)
+    assert sc['no_tool']['total'] == pytest.approx(1.2)
+    for k in ('inverted', 'outside'): assert sc[k]['crop'] == 0.0 and sc[k]['format'] == 0.0 and sc[k]['total'] == pytest.approx(1.0)
+    assert sc['over_budget']['turn_budget'] == -1.0
+    # the ordering a policy should learn: good > right-without-tool > broken tool calls > hallucination > empty
+    assert si['good']['total'] > si['no_tool']['total'] > si['hallucinated']['total'] > sc['empty']['total']
+    # weights are configurable
+    assert score_rollout(simulate_rollout(crop_cases['good'], crop.images, reg), crop, RewardWeights(crop=2.0))['total'] == pytest.approx(1.2 + 2*good_iou)
+
+
+def test_injected_responses_are_not_model_text(data):
+    _, _, reg, _, ident = data
+    name = ident.names[0]
+    r = simulate_rollout(f"<think>\n<tool_call>Identify {_b(ident.boxes[0])}</tool_call>\n</think>\n<answer>{name}</answer>", ident.images, reg)
+    assert [s for s, _ in r.segments] == ['model', 'tool', 'model']
+    assert '<tool_response>' not in r.model_text and f'<tool_response>{name}</tool_response>' in r.text
+    assert r.calls[0]['result'] == 'text' and r.calls[0]['text'] == name
+
+
+def test_group_advantages_by_hand():
+    a = group_advantages([[1., 0, 0, 0], [0.5, 0.5, 0.5, 0.5]], eps=0)
+    assert torch.allclose(a[0], torch.tensor([1.5, -0.5, -0.5, -0.5]))
+    assert torch.equal(a[1], torch.zeros(4))
+    # [2, 0] : mean 1, unbiased std sqrt(2) -> +-1/sqrt(2)
+    assert torch.allclose(group_advantages([2., 0.], G=2, eps=0), torch.tensor([[1/math.sqrt(2), -1/math.sqrt(2)]]))
+    assert torch.allclose(group_advantages([[3., 1.]], scale='none'), torch.tensor([[1., -1.]]))
+    m = group_advantages([[1., 0, 9, 0]], valid=[[1, 1, 0, 1]], eps=0)
+    assert m[0, 2] == 0 and torch.allclose(m[0, [0, 1, 3]], torch.tensor([2, -1, -1])/math.sqrt(3))
+
+
+def test_loss_normalisations():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.allclose(loss_weights(mask, 'grpo'), torch.tensor([[.25, .25, 0, 0], [.125]*4]))
+    assert torch.allclose(loss_weights(mask, 'token'), mask.float()/6)
+    assert torch.allclose(loss_weights(mask, 'dr_grpo', max_len=8), mask.float()/16)
+
+
+@pytest.mark.parametrize('kind', ['crop', 'identify'])
+def test_masked_tokens_get_zero_gradient(tiny, data, kind):
+    "Gradient of the loss w.r.t. the logits of a real tool rollout is exactly zero wherever the next token is not model-written."
+    _, _, reg, crop, ident = data
+    task = crop if kind == 'crop' else ident
+    cfg = GRPOConfig(model=tiny, output_dir='unused', **FAST)
+    policy, adapter, _ = prepare_policy(cfg)
+    from vlm_nb.engine import ToolEngine
+    inner = _unwrap(policy)
+    r = generate_group(ToolEngine(inner.eval(), adapter, tools=reg), task, 1, [7], cfg)[0]
+    injected = IMAGE if kind == 'crop' else TOOL_RESPONSE
+    assert r.n_executed == 1 and (r.roles == injected).sum() > 0 and (r.roles == TRAINED).sum() > 0
+    # full forward over prompt + completion, logits kept for every position
+    blocks = [adapter.image_block(im, role=ro) for im, ro in zip(r.images, r.image_roles)]
+    ids = torch.tensor([r.ids])
+    inner.train()
+    out = adapter.forward(inner, ids, attention_mask=torch.ones_like(ids), **adapter.collate_pixels(blocks))
+    logits = out.logits; logits.retain_grad()
+    logp = token_logprobs(logits, ids)
+    mask = torch.as_tensor(r.roles[1:] == TRAINED)[None]
+    loss, _ = policy_loss(logp, logp.detach(), torch.tensor([1.0]), mask)
+    loss.backward()
+    g = logits.grad[0, :-1].abs().sum(-1)
+    nxt = torch.as_tensor(r.roles[1:])
+    for role in (PROMPT, injected):
+        sel = nxt == role
+        assert sel.any() and g[sel].max().item() == 0.0, role
+    assert (g[nxt == TRAINED] > 0).all()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters() if p.requires_grad)
+
+
+def _log(path): return [json.loads(l) for l in Path(path).read_text().splitlines()]
+
+
+def test_killed_run_resumes_to_the_same_numbers(tiny, tmp_path):
+    base = dict(model=tiny, steps=3, **FAST)
+    full = train_grpo(GRPOConfig(output_dir=str(tmp_path/'a'), **base))
+    assert full['steps'] == 3 and full['tool_calls_executed'] >= 6 and full['resumed_from'] is None
+
+    class Killed(Exception): pass
+    def kill(step, rec):
+        if step == 2: raise Killed()
+    with pytest.raises(Killed): train_grpo(GRPOConfig(output_dir=str(tmp_path/'b'), **base), on_step=kill)
+    assert len(_log(tmp_path/'b'/'log.jsonl')) == 2
+    res = train_grpo(GRPOConfig(output_dir=str(tmp_path/'b'), **base))
+    assert res['resumed_from'] == 2 and res['steps'] == 3
+    la, lb = _log(tmp_path/'a'/'log.jsonl'), _log(tmp_path/'b'/'log.jsonl')
+    keys = ['step', 'loss', 'reward_mean', 'reward/crop', 'reward/identity', 'tool_calls_executed', 'tool_failures', 'completion_tokens', 'tasks']
+    assert [{k: r[k] for k in keys} for r in la] == [{k: r[k] for k in keys} for r in lb]
+    assert res['reward_first'] == full['reward_first'] and res['reward_last'] == full['reward_last']
+    for k in ('steps', 'tool_calls_executed', 'reward_first', 'reward_last'): assert k in res
+    assert (tmp_path/'b'/'final'/'adapter_config.json').exists()
+
+
+def test_variants_full_mode_kl_and_masking(tiny, tmp_path):
+    "Full fine-tuning with a KL reference, token-level loss, two passes per batch and over-budget masking all run."
+    s = train_grpo(GRPOConfig(output_dir=str(tmp_path/'full'), model=tiny, steps=1, mode='full', beta=0.04, loss_type='token',
+                              num_iterations=2, over_budget='mask', max_turns=1, **FAST))
+    rec = _log(s['log'])[0]
+    assert s['steps'] == 1 and math.isfinite(rec['loss']) and rec['kl'] >= 0
+    s2 = train_grpo(GRPOConfig(output_dir=str(tmp_path/'lora'), model=tiny, steps=1, beta=0.04, loss_type='dr_grpo', **FAST))
+    assert math.isfinite(_log(s2['log'])[0]['loss'])
+
+
+def test_cli(tiny, tmp_path):
+    cfg = tmp_path/'grpo.json'
+    cfg.write_text(json.dumps({'_comment': 'tiny CPU run', 'model': tiny, 'output_dir': str(tmp_path/'run'), 'steps': 1, **FAST}))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out): rc = train_grpo_main([str(cfg), '--json', '--rewards.crop', '1.0'])
+    assert rc == 0
+    s = json.loads(out.getvalue())
+    assert s['steps'] == 1 and s['tool_calls_executed'] >= 2 and {'reward_first', 'reward_last'} <= set(s)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err): rc = train_grpo_main([str(cfg), '--loss_type', 'bogus'])
+    assert rc == 1 and err.getvalue().startswith('error:') and 'Traceback' not in err.getvalue()
+    with contextlib.redirect_stderr(io.StringIO()): assert train_grpo_main([str(tmp_path/'missing.json')]) == 1
