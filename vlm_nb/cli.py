@@ -21,6 +21,8 @@ COMMANDS = {
     ('gen', 'refcoco'):   ('vlm_nb.refcoco:gen_refcoco_main', 'RefCOCO crop-tool dataset: merge, generate (template|openai|hf), repair, convert, filter, report'),
     ('gen', 'identity'):  ('vlm_nb.identity:gen_identity_main', 'identity (Identify tool) dataset from RefCOCO-format person annotations'),
     ('masks',):           ('vlm_nb.sequences:masks_main', 'show which tokens of each sample are trained, masked, tool responses or images (--json | --html)'),
+    ('train', 'sft'):     ('vlm_nb.sft:train_sft_main', 'SFT or LoRA/QLoRA of any family with tool responses masked; packing, DeepSpeed, automatic resume'),
+    ('train', 'merge'):   ('vlm_nb.sft:train_merge_main', 'merge a LoRA adapter into a standalone checkpoint (weights, processor, tokenizer, chat template)'),
     ('train', 'grpo'):    ('vlm_nb.grpo:train_grpo_main', 'GRPO with tools executed inside the rollouts; rewards for answers, identity, crops, format; penalties that cannot be gamed'),
     ('infer',):           ('vlm_nb.engine:infer_main', 'tool-augmented inference: one image, a folder/dataset (batch, resumable) or a video; local model or server'),
     ('eval', 'rec'):      ('vlm_nb.eval:eval_rec_main', 'referring-expression comprehension Acc@IoU>=0.5 with a Wilson 95% interval'),
@@ -28,6 +30,7 @@ COMMANDS = {
     ('tiny',):            ('vlm_nb.models:tiny_main', 'write a tiny random checkpoint of a model family (config, weights, tokenizer, processor)'),
     ('bench',):           ('vlm_nb.bench:bench_main', 'run a benchmark and print its ratios (collator, toolloop, train, refcoco)'),
     ('webui',):           ('vlm_nb.webui:webui_main', 'gradio web UI: ask with image + tools, watch tool calls and crops stream, replay trajectories'),
+    ('demo',):            ('vlm_nb.demo:demo_main', 'the main job: synthetic scenes -> tool datasets -> SFT of a tiny model -> inference -> eval before/after -> report'),
     ('docs',):            ('vlm_nb.cli:docs_main', 'render the documentation site from the notebooks, offline'),
 }
 

@@ -1,0 +1,105 @@
+"SFT/LoRA training end to end on tiny models (CPU): families x modes, merge, torchrun, DeepSpeed ZeRO-2, kill -9 + resume."
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest, torch
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+from vlm_nb.models import make_tiny, build_tokenizer_dir, load_model
+from vlm_nb.synthetic import build_tool_dataset, SceneConfig
+from vlm_nb.sft import load_config, train_sft, train_merge_main, steps_per_epoch, SFTCollator, build_sequences
+from vlm_nb.models import get_adapter, load_tokenizer
+
+ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+ADAPTER_OPTS = {'internvl3_5': {'max_tiles': 1}, 'ovis2_5': {}}
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp('sft')
+    models = {f: make_tiny(f, d/f'tiny_{f}', tokenizer_dir=build_tokenizer_dir(f, d/f'tok_{f}', shared=False)) for f in ADAPTER_OPTS}
+    build_tool_dataset(d/'syn', n_images=6, seed=0, cfg=SceneConfig(256, 192), progress=False)
+    return {'dir': d, 'models': models, 'train': d/'syn'/'tool_data'/'train.json', 'images': d/'syn'/'images'}
+
+def write_cfg(world, name, family='internvl3_5', **kw):
+    c = {'model': str(world['models'][family]), 'train_data': str(world['train']), 'image_root': str(world['images']),
+         'adapter': ADAPTER_OPTS[family], 'output_dir': str(world['dir']/name), 'max_samples': 8, 'batch_size': 2,
+         'max_steps': 3, 'lr': 1e-3, 'logging_steps': 1, 'save_steps': 100, 'progress': False, **kw}
+    p = world['dir']/f'{name}.json'; p.write_text(json.dumps(c)); return p
+
+@pytest.mark.parametrize('family', ['internvl3_5', 'ovis2_5'])
+@pytest.mark.parametrize('mode', ['full', 'lora'])
+def test_train_family_mode(world, family, mode):
+    cfg = load_config(write_cfg(world, f'run_{family}_{mode}', family, mode=mode, packing=(mode == 'lora')))
+    r = train_sft(cfg)
+    assert r['steps'] == 3 and len(r['losses']) == 3 and all(l == l for l in r['losses'])
+    final = Path(r['final'])
+    assert (final/'tokenizer_config.json').exists() and (final/'chat_template.jinja').exists()
+    if mode == 'full':
+        assert r['trainable']['vision'][0] > 0
+        m, ad = load_model(final); assert ad.family == family
+    else:
+        assert r['trainable']['llm'][0] == 0 and r['trainable']['lora'][0] > 0
+        assert (final/'adapter_config.json').exists() and (final/'preprocessor_config.json').exists()
+
+def test_freeze_and_eval_early_stopping(world):
+    cfg = load_config(write_cfg(world, 'run_freeze', freeze=['vision', 'projector'], eval_data=str(world['train']), max_steps=4,
+                                eval_steps=2, early_stopping_patience=1))
+    r = train_sft(cfg)
+    assert r['trainable']['vision'][0] == 0 and r['trainable']['projector'][0] == 0 and r['trainable']['llm'][0] > 0
+    assert r['eval_loss'] is not None
+
+def test_merge_cli_logits_equal(world):
+    from peft import PeftModel
+    cfg = load_config(write_cfg(world, 'run_merge', 'ovis2_5', mode='lora', lora={'r': 4, 'targets': 'all'}))
+    r = train_sft(cfg)
+    out = world['dir']/'merged'
+    assert train_merge_main([r['final'], '--out', str(out)]) == 0
+    for f in ('config.json', 'tokenizer_config.json', 'chat_template.jinja', 'preprocessor_config.json'): assert (out/f).exists(), f
+    mm, adm = load_model(out)
+    base, adb = load_model(world['models']['ovis2_5'])
+    pm = PeftModel.from_pretrained(base, r['final']).eval()
+    seqs = build_sequences(world['train'], adm, world['images'], max_samples=2)
+    b = SFTCollator(adm, stats=False)(list(seqs)); b.pop('labels')
+    with torch.no_grad(): la, lb = adb.forward(pm, **b).logits, adm.forward(mm, **b).logits
+    assert torch.allclose(la, lb, atol=1e-4), (la - lb).abs().max()
+
+def _torchrun(cfg, *extra, timeout=900):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(_port()),
+           '-m', 'vlm_nb.sft', str(cfg), '--json', *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads([l for l in p.stdout.splitlines() if l.startswith('{"family"')][-1])
+
+def _port():
+    import socket
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+def test_torchrun_two_processes(world):
+    r = _torchrun(write_cfg(world, 'run_ddp', max_steps=-1, epochs=1))
+    assert (r['world_size'], r['dist_backend']) == (2, 'gloo')
+    assert r['max_steps'] == steps_per_epoch(r['n_train'], 2, 1, 2) == 2   # T-07: world-size-aware
+    world['ddp_losses'] = r['losses']
+
+@pytest.mark.slow   # the first DeepSpeed run JIT-builds its CPU comm op (minutes)
+def test_deepspeed_zero2_cpu(world):
+    r = _torchrun(write_cfg(world, 'run_ds', max_steps=-1, epochs=1), '--deepspeed', 'zero2', timeout=1500)
+    assert (r['world_size'], r['dist_backend'], r['accelerator']) == (2, 'gloo', 'cpu')
+    if 'ddp_losses' in world: assert r['losses'] == pytest.approx(world['ddp_losses'], abs=1e-4)
+
+def test_kill_and_resume_matches_uninterrupted(world):
+    common = dict(max_steps=8, save_steps=3, max_samples=12, batch_size=4, save_total_limit=None)
+    ref = train_sft(load_config(write_cfg(world, 'run_ref', **common)))
+    cfg = write_cfg(world, 'run_kill', **common)
+    out = world['dir']/'run_kill'
+    cmd = [sys.executable, '-m', 'vlm_nb.sft', str(cfg), '--json']
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    t0 = time.time()
+    while not (out/'checkpoint-3'/'trainer_state.json').exists():
+        assert p.poll() is None and time.time() - t0 < 600, 'run ended before its first checkpoint'
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL); p.wait()
+    assert not (out/'final').exists(), 'the run finished before it was killed'
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["resumed_from"] is not None and s["steps"] == 8
+    assert s['losses'] == ref['losses']     # exactly the uninterrupted run's losses
