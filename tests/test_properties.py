@@ -62,9 +62,6 @@ def test_loader_round_trip(ss, fmt, suffix):
 
 @pytest.mark.parametrize('fmt', ['llava', 'messages'])
 @pytest.mark.parametrize('suffix', ['.jsonl'])
-@pytest.mark.xfail(strict=True, reason="bug: vlm_nb.data.read_dataset takes a file holding ONE record whose only key is "
-                   "'conversations'/'messages' (no id, no image) for a 'wrapped' container and reads its turns as records: "
-                   "save_samples([text-only sample]) then read_dataset gives 0 samples and 2 problems (found by hypothesis)")
 def test_single_bare_record_round_trip(tmp_path, fmt, suffix):
     s = Sample([Turn('user', 'hi'), Turn('assistant', 'yo')])
     write_dataset([s], tmp_path/f'x{suffix}', fmt)

@@ -261,6 +261,13 @@ def _records_to_samples(recs, where='record', answer_key='A3'):
         except ValueError as e: probs.append((f'{where} {i}', str(e)))
     return samples, probs, fmts
 
+def _looks_like_record(d) -> bool:
+    "Is the dict `d` itself a sample record (llava `conversations` of `from` turns, or `messages` of `role` turns)?"
+    for k, tk in (('conversations', 'from'), ('messages', 'role')):
+        v = d.get(k)
+        if isinstance(v, list) and v and all(isinstance(t, dict) and tk in t for t in v): return True
+    return False
+
 def read_dataset(path, # a .json or .jsonl dataset file
                  answer_key: str='A3' # for QnA files: which answer becomes the assistant turn
                 ) -> Dataset:
@@ -279,7 +286,8 @@ def read_dataset(path, # a .json or .jsonl dataset file
                                     and obj['conversations'] and isinstance(obj['conversations'][0], dict)
                                     and 'conversations' in obj['conversations'][0]):
         container, wkey, recs = 'wrapped', 'conversations', list(enumerate(obj['conversations']))
-    elif isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
+    elif (isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list)
+          and path.suffix.lower() != '.jsonl' and not _looks_like_record(obj)):
         wkey = next(iter(obj)); container, recs = 'wrapped', list(enumerate(obj[wkey]))
     elif isinstance(obj, dict): container, recs = 'jsonl', [(1, obj)]
     else:
@@ -336,7 +344,7 @@ def save_samples(samples, path, fmt: str='llava'):
     "Write samples as a JSON array (or JSONL for a `.jsonl` path) in layout `fmt`."
     return write_dataset(Dataset(list(samples), fmt, 'jsonl' if str(path).endswith('.jsonl') else 'array'), path, fmt)
 
-# %% ../nbs/00_data.ipynb #35f6291c
+# %% ../nbs/00_data.ipynb #3563e849
 def convert_box(box, # four numbers
                 src: str='xyxy', # 'xyxy' | 'xywh' | 'cxcywh'
                 dst: str='xyxy'):
@@ -402,7 +410,7 @@ class ResizeInfo:
     def to_orig(self, box): return [box[0]*self.orig[0]/self.resized[0], box[1]*self.orig[1]/self.resized[1], box[2]*self.orig[0]/self.resized[0], box[3]*self.orig[1]/self.resized[1]]
     def to_resized(self, box): return [box[0]*self.resized[0]/self.orig[0], box[1]*self.resized[1]/self.orig[1], box[2]*self.resized[0]/self.orig[0], box[3]*self.resized[1]/self.orig[1]]
 
-# %% ../nbs/00_data.ipynb #627310de
+# %% ../nbs/00_data.ipynb #36587e08
 class ImageLoadError(ValueError):
     "An image that cannot be used, with the reason."
 

@@ -596,19 +596,24 @@ def masks_main(argv:list|None=None) -> int:
         print(f"error: {e}", file=sys.stderr); return 1
     skipped = iter(b.report.skipped)
     rows = [q.summary() if q is not None else {'id': sample_key(s), 'skipped': next(skipped)[1]} for s, q in zip(samples, seqs)]
+    bad = [{'id': w, 'skipped': f'unreadable record: {m}'} for w, m in ds.problems]   # lines read_dataset could not read
+    if bad:
+        print(f"warning: {len(bad)} unreadable record(s) skipped: " + '; '.join(f"{r['id']}: {r['skipped'][19:][:80]}" for r in bad),
+              file=sys.stderr)
     if a.json:
-        for r in rows: print(json.dumps(r, ensure_ascii=False))
+        for r in bad + rows: print(json.dumps(r, ensure_ascii=False))
     elif a.html:
         rep = b.report
         head = (f"<h2>{html.escape(str(path))} — {a.family}</h2><p>{rep.built} built, {len(rep.trimmed)} trimmed, "
-                f"{len(rep.skipped)} skipped, {len(rep.placeholders)} with placeholder images</p>")
+                f"{len(rep.skipped)} skipped, {len(rep.placeholders)} with placeholder images, {len(bad)} unreadable records</p>"
+                + ''.join(f'<div style="color:#c00">skipped <b>{html.escape(r["id"])}</b>: {html.escape(r["skipped"])}</div>' for r in bad))
         body_ = ''.join(f'<div style="margin:12px 0">{mask_html(q)}</div>' if q is not None else
                         f'<div style="margin:12px 0;color:#c00">skipped <b>{html.escape(r["id"])}</b>: {html.escape(r["skipped"])}</div>'
                         for q, r in zip(seqs, rows))
         atomic_write_text(a.html, f'<!doctype html><meta charset="utf-8"><title>vlm-nb masks</title>{head}{body_}')
         print(f"wrote {a.html} ({rep.built} sequences, {len(rep.skipped)} skipped)")
     else:
-        for r in rows:
+        for r in bad + rows:
             if 'skipped' in r: print(f"{r['id']}: skipped: {r['skipped']}")
             else: print(f"{r['id']}: {r['n_tokens']} tokens, {r['n_trained']} trained, {r['n_images']} images "
                         f"({r['n_image_tokens']} image tokens)" + (f", {r['placeholder_images']} placeholder(s)" if 'placeholder_images' in r else ''))

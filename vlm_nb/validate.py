@@ -111,6 +111,10 @@ def check_sample(s: Sample, # the sample
             except FileNotFoundError: out.append(P('error', 'missing-image', f'{im}: not found under {images_root}', 'fix the path or the --images root'))
             except Exception as e: out.append(P('error', 'bad-image', f'{im}: unreadable ({type(e).__name__})', 're-encode or drop the image'))
             else:
+                if size[0] * size[1] > MAX_IMAGE_PIXELS:
+                    out.append(P('error', 'image-too-large', f'{im}: {size[0]}x{size[1]} is over the {MAX_IMAGE_PIXELS:,}-pixel limit (loaders refuse it)',
+                                 'downscale the image (e.g. to at most 4096 px on the long side) or drop the sample'))
+                    continue
                 if im == (s.images[0] if s.images else None):
                     for t in s.assistant_turns:
                         for c in parse_tool_calls(t.text):
