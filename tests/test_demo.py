@@ -13,7 +13,7 @@ def _v(x): return 0.0 if x is None else x
 @pytest.mark.slow
 def test_demo_small_budget_learns(tmp_path):
     out = tmp_path/'run'
-    assert demo_main(['--out', str(out), '--minutes', '6', '--grpo']) == 0
+    assert demo_main(['--out', str(out), '--minutes', '4', '--grpo']) == 0
     rep = json.loads((out/'report.json').read_text())
     for side in ('before', 'after'):
         for k in METRICS: assert k in rep[side], (side, k)
@@ -21,13 +21,16 @@ def test_demo_small_budget_learns(tmp_path):
     g = rep['grpo']
     assert g['steps'] >= 1 and g['tool_calls_executed'] >= 0 and 'reward_first' in g and 'reward_last' in g
     b, a = rep['before'], rep['after']
-    assert _v(a['tool_call_validity']) > _v(b['tool_call_validity'])
-    assert _v(a['answer_accuracy']) > _v(b['answer_accuracy'])
+    assert _v(a['tool_call_validity']) >= 0.9 > _v(b['tool_call_validity'])
     assert a['self_written_tool_response_rate'] == 0
+    # 4 minutes (400 SFT steps) reach 0.55 (seed 0) on 20 held-out questions, chance 0.115: identity answers are learned
+    assert _v(a['answer_accuracy']) > _v(b['answer_accuracy'])
+    assert _v(a['answer_accuracy']) > rep['chance_accuracy'] + 0.1
+    assert set(a['per_kind']) == {'crop', 'identify'}
     for f in ('loss_curve.png', 'metrics.png'): assert (out/'figures'/f).stat().st_size > 1000
     assert '| answer_accuracy |' in (out/'report.md').read_text()
     # a rerun resumes: every stage is skipped and the report is the same
-    assert demo_main(['--out', str(out), '--minutes', '6', '--grpo', '--json']) == 0
+    assert demo_main(['--out', str(out), '--minutes', '4', '--grpo', '--json']) == 0
     rep2 = json.loads((out/'report.json').read_text())
     assert rep2['after'] == rep['after']
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 from .data import atomic_write_bytes, atomic_write_json, atomic_write_text, load_samples
-from .synthetic import (Scene, SceneObject, COLORS, SHAPES, FIRST_NAMES, render_scene, png_bytes, expression_candidates,
-                              expression_text, crop_box, check_tool_record, new_gallery)
+from .synthetic import (Scene, SceneObject, COLORS, SHAPES, FIRST_NAMES, render_scene, png_bytes, crop_box,
+                               check_tool_record, new_gallery)
 from .models import FAMILIES, build_tokenizer_dir, get_adapter, load_model
 from .tools import AnnotationGallery
 from .sequences import SequenceBuilder, SequenceConfig
@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 from matplotlib.figure import Figure
 
 # %% auto #0
-__all__ = ['DEMO_SYSTEM', 'REPORT_KEYS', 'DemoConfig', 'demo_scene', 'demo_names', 'demo_call', 'demo_records', 'demo_config',
-           'stage_path', 'run_stage', 'build_demo_data', 'demo_adapter_opts', 'make_demo_model', 'load_demo_model',
-           'chance_level', 'demo_engine', 'evaluate_model', 'train_demo_sft', 'grpo_demo', 'plot_before_after',
-           'report_md', 'write_report', 'run_demo', 'summary_text', 'demo_main']
+__all__ = ['DEMO_SYSTEM', 'REPORT_KEYS', 'DemoConfig', 'cell_name', 'cell_box', 'demo_scene', 'demo_names', 'demo_call',
+           'object_cell', 'demo_records', 'demo_config', 'stage_path', 'run_stage', 'build_demo_data',
+           'demo_adapter_opts', 'make_demo_model', 'load_demo_model', 'chance_level', 'demo_engine', 'evaluate_model',
+           'train_demo_sft', 'grpo_demo', 'plot_before_after', 'report_md', 'write_report', 'run_demo', 'summary_text',
+           'demo_main']
 
 # %% ../nbs/14_demo.ipynb #9bd1ba67
 DEMO_SYSTEM = ("Tools: <tool_call>Crop [x1, y1, x2, y2]</tool_call> zooms into a box of the image; "
@@ -41,7 +42,7 @@ class DemoConfig:
     minutes: float = 10.0          # wall-time budget on 2 CPU cores (scales data and steps)
     grpo: bool = False             # also run a few GRPO steps after SFT
     train_scenes: int = 300        # training scenes (2–3 questions each)
-    test_scenes: int = 24          # held-out scenes for the before/after evaluation
+    test_scenes: int = 16          # held-out scenes for the before/after evaluation
     width: int = 192               # scene width (a multiple of `cell`)
     height: int = 128              # scene height
     cell: int = 64                 # grid cell size in pixels
@@ -54,33 +55,43 @@ class DemoConfig:
     steps: int = 300               # SFT optimizer steps
     batch_size: int = 8
     lr: float = 2e-3
-    max_new_tokens: int = 100      # generation budget per answer (model-written tokens; a full answer is ~70)
+    max_new_tokens: int = 56       # generation budget per answer (model-written tokens; a full answer is 40–50)
     grpo_steps: int = 4            # GRPO steps with --grpo
     quick: bool = False            # tiny sizes for tests and the notebook
 
 def _rng(*parts) -> random.Random: return random.Random(':'.join(map(str, ('vlm_nb.demo',) + parts)))
 
-_SIZES = {'person': (24, 56), 'card': (26, 20)}
+_SIZES = {'person': (24, 56), 'card': (40, 30)}
 _TONES = [(236, 232, 220), (222, 232, 240), (230, 240, 226), (242, 236, 242), (238, 238, 238), (246, 240, 226)]
+_ROWS, _COLS = ('top', 'bottom', 'third'), ('left', 'middle', 'right', 'fourth')
+
+def cell_name(cell:int, # cell index, row-major
+              cols:int=3 # grid columns
+             ) -> str:
+    "The grid phrase of a cell: `top-left`, `top-middle`, …, `bottom-right`."
+    return f'{_ROWS[cell // cols]}-{_COLS[cell % cols]}'
+
+def cell_box(cell:int, category:str, cfg:DemoConfig|None=None) -> list:
+    "The one box an object of `category` has in `cell`: centred in the cell, no jitter."
+    cfg = cfg or DemoConfig(); cols = cfg.width // cfg.cell
+    w, h = _SIZES.get(category, (30, 30))
+    cx, cy = (cell % cols)*cfg.cell + cfg.cell//2, (cell // cols)*cfg.cell + cfg.cell//2
+    return [float(cx - w//2), float(cy - h//2), float(cx - w//2 + w), float(cy - h//2 + h)]
 
 def demo_scene(image_id:int, # 1-based scene number; also names the file
                seed:int=0, # dataset seed
                cfg:DemoConfig|None=None # scene size and grid
               ) -> Scene:
-    "A grid scene: one numbered card, one or two people and up to two shapes, each centred (±3 px) in its own cell."
+    "A grid scene: one card with a digit 0–9, one or two people and up to two shapes, each centred exactly in its own cell."
     cfg = cfg or DemoConfig(); rng = _rng('scene', seed, image_id)
     cols, rows = cfg.width // cfg.cell, cfg.height // cfg.cell
     cells = rng.sample(range(cols*rows), cols*rows)
     cats = ['card'] + ['person']*rng.randint(1, 2) + [rng.choice(SHAPES) for _ in range(rng.randint(0, 2))]
     cats = cats[:cols*rows]
     colors = rng.sample(list(COLORS), len(cats))
-    objs = []
-    for k, (cat, cell, col) in enumerate(zip(cats, cells, colors)):
-        w, h = _SIZES.get(cat, (30, 30))
-        cx = (cell % cols)*cfg.cell + cfg.cell//2 + rng.randint(-3, 3)
-        cy = (cell // cols)*cfg.cell + cfg.cell//2 + rng.randint(-3, 3)
-        box = [float(cx - w//2), float(cy - h//2), float(cx - w//2 + w), float(cy - h//2 + h)]
-        objs.append(SceneObject(image_id*100 + k + 1, cat, col, 'small', box, str(rng.randint(10, 99)) if cat == 'card' else None))
+    objs = [SceneObject(image_id*100 + k + 1, cat, col, 'large' if cat == 'card' else 'small', cell_box(cell, cat, cfg),
+                        str(rng.randint(0, 9)) if cat == 'card' else None)
+            for k, (cat, cell, col) in enumerate(zip(cats, cells, colors))]
     bg = {'kind': 'plain', 'tones': [list(t) for t in rng.sample(_TONES, 2)], 'param': rng.randint(0, 2**31 - 1)}
     return Scene(image_id, f'{image_id:06d}.png', cfg.width, cfg.height, bg, objs)
 
@@ -94,9 +105,10 @@ def demo_call(name:str, box) -> str:
     "`<tool_call>Name [x1, y1, x2, y2]</tool_call>` with integer pixels (fewer tokens than decimals)."
     return f"<tool_call>{name} [{', '.join(str(int(round(v))) for v in box)}]</tool_call>"
 
-def _phrase(o, scene):
-    c = [a for a in expression_candidates(o, scene, positions=False) if 'text' not in a]
-    return expression_text(c[0]) if c else None
+def object_cell(o, cfg:DemoConfig|None=None) -> int:
+    "The grid cell (row-major index) that holds object `o`."
+    cfg = cfg or DemoConfig(); cx, cy = o.center
+    return int(cy // cfg.cell)*(cfg.width // cfg.cell) + int(cx // cfg.cell)
 
 def _record(scene, k, image, question, think, answer, kind, o):
     return {'id': f'demo{scene.image_id:06d}_{k}', 'image': image,
@@ -104,20 +116,19 @@ def _record(scene, k, image, question, think, answer, kind, o):
                               {'from': 'gpt', 'value': f'<think>\n{think}\n</think>\n<answer>{answer}</answer>'}],
             'kind': kind, 'image_id': scene.image_id, 'ann_ids': [o.ann_id], 'boxes': [list(o.bbox)]}
 
-def demo_records(scene:Scene, names:dict, image:str|None=None) -> list:
-    "Llava records for one scene: a Crop question about the card, an Identify question per describable person."
-    image, out, size = image or scene.file_name, [], (scene.width, scene.height)
+def demo_records(scene:Scene, names:dict, image:str|None=None, cfg:DemoConfig|None=None) -> list:
+    "Llava records for one scene: a Crop question about the card and an Identify question per person, each naming the object's cell."
+    cfg = cfg or DemoConfig(); image, out, size = image or scene.file_name, [], (scene.width, scene.height)
+    cols = cfg.width // cfg.cell
     for o in scene.objects:
-        np_ = _phrase(o, scene)
-        if o.category == 'card' and np_:
-            out.append(_record(scene, len(out) + 1, image, f'What number is on {np_}?',
-                               f"The digits are too small to read, so I zoom in.\n{demo_call('Crop', crop_box(o.bbox, size))}\nIt reads {o.text}.",
-                               o.text, 'crop', o))
-        elif o.category == 'person' and np_:
+        where = cell_name(object_cell(o, cfg), cols)
+        if o.category == 'card':
+            out.append(_record(scene, len(out) + 1, image, f'What number is on the card in the {where} cell?',
+                               demo_call('Crop', crop_box(o.bbox, size)), o.text, 'crop', o))
+        elif o.category == 'person':
             n = names[o.ann_id]
-            out.append(_record(scene, len(out) + 1, image, f'Who is {np_}?',
-                               f"Only the Identify tool knows names.\n{demo_call('Identify', o.bbox)}<tool_response>{n}</tool_response>\nIt is {n}.",
-                               n, 'identify', o))
+            out.append(_record(scene, len(out) + 1, image, f'Who is the person in the {where} cell?',
+                               f"{demo_call('Identify', o.bbox)}<tool_response>{n}</tool_response>", n, 'identify', o))
     return out
 
 # %% ../nbs/14_demo.ipynb #933b7b49
@@ -128,8 +139,8 @@ def demo_config(minutes:float=10.0, # wall-time budget on 2 CPU cores
     if quick:
         base = dict(train_scenes=16, test_scenes=3, steps=6, batch_size=4, max_new_tokens=24, grpo_steps=1, quick=True)
     else:
-        train = max(0.5, minutes - 4.0)       # minutes left for SFT after data, model and two evaluations
-        base = dict(train_scenes=int(min(1000, 50*train)), steps=int(50*train), test_scenes=24 if minutes >= 6 else 12)
+        train = max(0.5, minutes - 2.0)       # minutes left for SFT after data, model and two evaluations
+        base = dict(train_scenes=int(min(2000, 60*train)), steps=int(200*train), test_scenes=16 if minutes >= 6 else 8)
     cfg = DemoConfig(minutes=minutes, **base)
     for k, v in kw.items():
         if k not in {f.name for f in fields(DemoConfig)}: raise TypeError(f'unknown DemoConfig field {k!r}')
@@ -164,7 +175,7 @@ def build_demo_data(cfg:DemoConfig, out) -> dict:
         if not (d/rel).exists(): atomic_write_bytes(d/rel, png_bytes(render_scene(sc)))
         names = demo_names(sc, cfg.seed, cfg.names)
         gal['images'][rel] = [{'ann_id': o.ann_id, 'bbox': o.bbox, 'name': names[o.ann_id]} for o in sc.objects if o.category == 'person']
-        recs = demo_records(sc, names, rel)
+        recs = demo_records(sc, names, rel, cfg)
         for r in recs:
             p = check_tool_record(r, (sc.width, sc.height))
             if p: raise AssertionError(f"{r['id']}: {p}")
@@ -229,9 +240,9 @@ def load_demo_model(cfg:DemoConfig, path):
 
 # %% ../nbs/14_demo.ipynb #d8edd809
 def chance_level(cfg:DemoConfig, kinds:dict) -> float:
-    "Accuracy of a uniform guess: 1/90 for a card number, 1/`cfg.names` for a name, weighted by question counts."
+    "Accuracy of a uniform guess: 1/10 for a card digit, 1/`cfg.names` for a name, weighted by question counts."
     n = sum(kinds.values()) or 1
-    return (kinds.get('crop', 0)/90 + kinds.get('identify', 0)/cfg.names) / n
+    return (kinds.get('crop', 0)/10 + kinds.get('identify', 0)/cfg.names) / n
 
 def demo_engine(model, adapter, gallery:dict, cfg:DemoConfig) -> ToolEngine:
     "The engine used for every demo evaluation: demo system prompt, Crop + Identify with the gallery, greedy decoding."
@@ -348,6 +359,11 @@ def write_report(cfg:DemoConfig, out, res:dict) -> dict:
 def run_demo(cfg:DemoConfig, log=print) -> dict:
     "Run (or resume) every stage of the demo into `cfg.out`; returns the report dict."
     out = Path(cfg.out); out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads(); torch.set_num_threads(1)   # a tiny model: threads cost more than they give
+    try: return _run_stages(cfg, out, log)
+    finally: torch.set_num_threads(threads)
+
+def _run_stages(cfg, out, log):
     torch.manual_seed(cfg.seed)
     res = {}
     res['data'] = run_stage(out, 'data', lambda: build_demo_data(cfg, out), log)
