@@ -130,8 +130,6 @@ def test_grpo_sigkill_resumes(grpo_model, tmp_path):
     assert _log(out) == _log(tmp_path/'ref') and res['rewards'] == ref['rewards']
 
 
-@pytest.mark.xfail(strict=True, reason='bug: vlm_nb.grpo.train_grpo resumes with _read_log(log.jsonl), which json.loads every '
-                   'line: a line torn by a kill during `open(log, "a").write` makes every later resume crash (JSONDecodeError)')
 def test_grpo_resume_with_torn_log_line(grpo_model, tmp_path):
     from vlm_nb.grpo import GRPOConfig, train_grpo
     base = dict(model=grpo_model, output_dir=str(tmp_path/'run'), **FAST)
@@ -141,9 +139,6 @@ def test_grpo_resume_with_torn_log_line(grpo_model, tmp_path):
     assert res['resumed_from'] == 1 and res['steps'] == 2 and [r['step'] for r in _log(tmp_path/'run')] == [1, 2]
 
 
-@pytest.mark.xfail(strict=True, reason='bug: vlm_nb.grpo.load_checkpoint uses torch.load(state.pt, weights_only=False): a '
-                   'checkpoint folder from someone else runs arbitrary code on --resume (store RNG states as tensors/lists '
-                   'and load with weights_only=True)')
 def test_grpo_refuses_a_malicious_checkpoint(tmp_path):
     from vlm_nb.grpo import load_checkpoint
     marker = tmp_path/'PWNED'
@@ -183,9 +178,6 @@ train_sft(load_config(sys.argv[1]))
 """
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason='bug: vlm_nb.sft.train_sft writes OUTPUT/final in place (trainer.save_model, then '
-                   'tokenizer files): a kill during the final save leaves a visible final/ with config.json and truncated '
-                   'weights; write to a temp folder and rename')
 def test_sft_final_save_is_atomic(tmp_path):
     from vlm_nb.models import make_tiny
     from vlm_nb.synthetic import build_tool_dataset, SceneConfig

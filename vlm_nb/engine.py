@@ -19,8 +19,8 @@ from .models import DecodeState, FamilyAdapter, load_model
 # %% auto #0
 __all__ = ['THINK_NUDGE', 'THINKING_SYSTEM_PROMPT', 'IMAGE_EXTS', 'GenConfig', 'sample_token', 'ForcedContinuation', 'TextChunk',
            'ToolCallEvent', 'ToolResultEvent', 'Finish', 'Step', 'extract_answer', 'Trajectory', 'ToolEngine',
-           'BatchItem', 'batch_items', 'is_oom', 'run_with_oom_backoff', 'batch_infer', 'frame_indices', 'read_video',
-           'video_prompt', 'image_data_url', 'RemoteEngine', 'infer_main', 'bench_toolloop']
+           'BatchItem', 'BatchItems', 'batch_items', 'is_oom', 'run_with_oom_backoff', 'batch_infer', 'frame_indices',
+           'read_video', 'video_prompt', 'image_data_url', 'RemoteEngine', 'infer_main', 'bench_toolloop']
 
 # %% ../nbs/06_engine.ipynb #546b5309
 THINK_NUDGE = "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n</think>\n\n"
@@ -423,19 +423,23 @@ class BatchItem:
     prompt: str
     root: str|None = None
 
+class BatchItems(list):
+    "A list of `BatchItem`s plus `.problems`: [(where, reason)] of dataset records that could not be read."
+    def __init__(self, items=(), problems=()): super().__init__(items); self.problems = list(problems)
+
 def batch_items(source:str|Path, # a folder of images or a dataset file (see `vlm_nb.data.read_dataset`)
                 prompt:str|None=None, # the question (required for a folder; overrides the dataset's user turn)
                 image_root:str|Path|None=None, # where dataset image paths are relative to (default: the file's folder)
-               )->list:
-    "The `BatchItem`s of a folder (sorted, recursive) or a dataset file (in file order)."
+               )->BatchItems:
+    "The `BatchItem`s of a folder (sorted, recursive) or a dataset file (in file order), with unreadable records in `.problems`."
     src = Path(source)
     if src.is_dir():
         if not prompt: raise ValueError('a folder of images needs a prompt')
         files = sorted(p for p in src.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-        return [BatchItem(p.relative_to(src).as_posix(), [str(p)], prompt) for p in files]
+        return BatchItems(BatchItem(p.relative_to(src).as_posix(), [str(p)], prompt) for p in files)
     if not src.exists(): raise FileNotFoundError(f"no such folder or dataset file: {src}")
     ds, root = read_dataset(src), str(image_root or src.parent)
-    out = []
+    out = BatchItems(problems=[(str(w), str(r)) for w, r in (getattr(ds, 'problems', None) or [])])
     for i, s in enumerate(ds.samples):
         q = prompt or (s.user_turns[0].text if s.user_turns else '')
         if not prompt and q.count('<image>') != len(s.images): q = q.replace('<image>', '').strip()
@@ -495,7 +499,9 @@ def batch_infer(engine, # a `ToolEngine` or `RemoteEngine`
         try: return json.loads(p.read_text()).get('status') in ('ok', 'unreadable')
         except Exception: return False
     todo = [(it, n) for it, n in zip(items, names) if not done(out/f'{n}.json')]
-    stats = {'total': len(items), 'skipped_done': len(items) - len(todo), 'ok': 0, 'unreadable': 0, 'error': 0}
+    bad = getattr(items, 'problems', [])
+    stats = {'total': len(items), 'skipped_done': len(items) - len(todo), 'ok': 0, 'unreadable': 0, 'error': 0,
+             'unreadable_records': len(bad), 'skipped_items': [{'where': w, 'reason': r} for w, r in bad]}
     def fn(batch):
         reqs, res = [], {}
         for k, (it, n) in enumerate(batch):

@@ -22,10 +22,10 @@ from .synthetic import load_refcoco, normalize_split, gallery_lookup
 __all__ = ['Z95', 'COORD_CHOICES', 'METRIC_KEYS', 'wilson_ci', 'final_answer', 'box_space', 'parse_pred_box', 'RecItem',
            'rec_items', 'score_rec', 'rec_prompt', 'image_data_url', 'LocalGrounder', 'ServerGrounder', 'run_rec',
            'prediction_record', 'save_figure', 'plot_boxes', 'CliError', 'eval_rec_main', 'Reference', 'as_reference',
-           'normalize_answer', 'answer_match', 'TrajectoryFacts', 'trajectory_facts', 'score_one', 'score_trajectories',
-           'avg_at_k', 'plot_trajectory', 'read_train_log', 'training_curves', 'plot_training', 'mask_runs',
-           'plot_mask', 'sample_images', 'make_engine', 'run_tool_eval', 'tool_report', 'report_markdown',
-           'plot_metrics', 'load_trajectories', 'eval_tools_main']
+           'normalize_answer', 'answer_match', 'sanitize_trajectory', 'TrajectoryFacts', 'trajectory_facts',
+           'score_one', 'score_trajectories', 'avg_at_k', 'plot_trajectory', 'read_train_log', 'training_curves',
+           'plot_training', 'mask_runs', 'plot_mask', 'sample_images', 'make_engine', 'run_tool_eval', 'tool_report',
+           'report_markdown', 'plot_metrics', 'load_trajectories', 'eval_tools_main']
 
 # %% ../nbs/12_eval.ipynb #6f99f827
 Z95 = NormalDist().inv_cdf(0.975)   # 1.959963984540054
@@ -301,6 +301,14 @@ def _load_predictions(path, items) -> list:
     if len(recs) < len(items): raise CliError(f'{path}: {len(recs)} predictions for {len(items)} items')
     return recs[:len(items)]
 
+def _finite(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+def _pred_box(b) -> list|None:
+    "A canned prediction's box as 4 floats, or None when it is not a list of 4 numbers (NaN is kept: it scores IoU 0)."
+    if not isinstance(b, (list, tuple)) or len(b) != 4: return None
+    try: return [float(v) for v in b]
+    except (TypeError, ValueError): return None
+
 def _rec_args(argv):
     p = _Parser(prog='vlm-nb eval rec', description='Referring-expression comprehension: Acc@IoU>=0.5 with a 95%% Wilson '
                 'interval, per dataset/split, on RefCOCO-format annotations (HF jxu124 JSONL or refs(unc).p + instances.json).')
@@ -335,10 +343,16 @@ def _eval_rec(argv):
     if not items: raise CliError(f"no referring expressions in split {a.split!r}" + (f' of {", ".join(ds)}' if ds else ''))
     coords = None if a.coords == 'auto' else a.coords
     if a.predictions:
-        fam = a.family; preds = []
+        fam = a.family; preds = []; malformed = 0
         for it, r in zip(items, _load_predictions(a.predictions, items)):
             if r.get('box') is not None:
-                b = [float(v) for v in r['box']]; v = iou(b, it.box)
+                b = _pred_box(r['box'])
+                if b is None:                                    # not 4 numbers: an unparsed prediction (a miss, counted)
+                    malformed += 1
+                    preds.append({'key': it.key, 'expression': it.expression, 'text': None, 'box': None, 'space': None, 'gt': it.box,
+                                  'iou': 0.0, 'hit': False, 'error': f"malformed box: {str(r['box'])[:60]}"})
+                    continue
+                v = iou(b, it.box)
                 preds.append({'key': it.key, 'expression': it.expression, 'text': None, 'box': b, 'space': 'abs', 'gt': it.box,
                               'iou': round(v, 6), 'hit': v >= a.threshold})
             else: preds.append(prediction_record(it, str(r.get('text') or ''), fam, r.get('resized'), coords, a.threshold))
@@ -347,9 +361,9 @@ def _eval_rec(argv):
         g = (LocalGrounder(a.model, a.max_new_tokens) if a.model else
              ServerGrounder(a.server, a.server_model, a.family, a.max_new_tokens))
         fam = a.family or g.family; name = g.name
-        preds = run_rec(g, items, a.images, fam, coords, a.prompt, a.threshold, progress=not a.json)
+        preds = run_rec(g, items, a.images, fam, coords, a.prompt, a.threshold, progress=not a.json); malformed = 0
     rep = score_rec(items, [p['box'] for p in preds], a.threshold)
-    rep = {**rep, 'threshold': a.threshold, 'split': a.split, 'model': name, 'family': fam}
+    rep = {**rep, 'threshold': a.threshold, 'split': a.split, 'model': name, 'family': fam, 'malformed_predictions': malformed}
     if a.out:
         out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out/'predictions.jsonl', ''.join(json.dumps(p) + '\n' for p in preds))
@@ -418,10 +432,42 @@ def answer_match(pred: str, # the model's final answer
 # %% ../nbs/12_eval.ipynb #6f8037c1
 _STEP_KINDS = ('text', 'tool_call', 'tool_result', 'nudge')
 
+def _clean_bbox(b) -> list|None:
+    "A call's box as 4 finite floats, else None."
+    if not isinstance(b, (list, tuple)) or len(b) != 4 or not all(_finite(v) for v in b): return None
+    return [float(v) for v in b]
+
+def sanitize_trajectory(t) -> tuple:
+    "(trajectory dict, [problems]): malformed parts (non-string text, non-list steps, non-dict steps/meta, bad boxes) dropped or blanked."
+    probs = []
+    if not isinstance(t, dict): return {'text': t if isinstance(t, str) else str(t)}, ([] if isinstance(t, str) else ['not a JSON object'])
+    t = dict(t)
+    if 'meta' in t and t['meta'] is not None and not isinstance(t['meta'], dict): probs.append('meta is not an object'); t.pop('meta')
+    if 'text' in t and t['text'] is not None and not isinstance(t['text'], str):
+        probs.append(f"text is a {type(t['text']).__name__}, not a string"); t['text'] = ''
+    if 'steps' in t:
+        if not isinstance(t['steps'], list): probs.append('steps is not a list'); t.pop('steps')
+        else:
+            steps = []
+            for i, st in enumerate(t['steps']):
+                if not isinstance(st, dict): probs.append(f'step {i} is not an object'); continue
+                st = dict(st)
+                if st.get('text') is not None and not isinstance(st['text'], str): probs.append(f'step {i}: text is not a string'); st['text'] = ''
+                for k in ('step', 'kind', 'name'):
+                    if st.get(k) is not None and not isinstance(st[k], str): probs.append(f'step {i}: {k} is not a string'); st[k] = None
+                for k in ('bbox', 'box'):
+                    if st.get(k) is not None and _clean_bbox(st[k]) is None:
+                        probs.append(f'step {i}: {k} is not 4 finite numbers'); st[k] = None
+                        if k == 'bbox' and not st.get('error'): st['error'] = 'malformed bbox'
+                steps.append(st)
+            t['steps'] = steps
+    return t, probs
+
 def _steps(t) -> list:
     "[(kind, text, data)] of a Trajectory, its dict, or a plain text."
     if isinstance(t, str): return [('text', t, {})]
     if isinstance(t, dict):
+        t = sanitize_trajectory(t)[0]
         if 'steps' not in t: return [('text', t.get('text') or '', {})]
         out = []
         for s in t['steps']:
@@ -439,7 +485,8 @@ def _steps(t) -> list:
     return [(s.kind, s.text or '', dict(getattr(s, 'data', {}) or {})) for s in t.steps]
 
 def _meta(t) -> dict:
-    return (t.get('meta') or {}) if isinstance(t, dict) else (getattr(t, 'meta', None) or {}) if not isinstance(t, str) else {}
+    m = (t.get('meta') or {}) if isinstance(t, dict) else (getattr(t, 'meta', None) or {}) if not isinstance(t, str) else {}
+    return m if isinstance(m, dict) else {}
 
 @dataclass
 class TrajectoryFacts:
@@ -774,19 +821,31 @@ def _traj_record(t) -> dict:
     return t.to_dict() if hasattr(t, 'to_dict') else {'text': getattr(t, 'text', '')}
 
 def load_trajectories(path, # JSONL: one trajectory dict (or {"text"}) per line, or a JSON list
-                      refs: list # the references, to match `meta.sample_id`/`id` (else file order)
+                      refs: list, # the references, to match `meta.sample_id`/`id` (else file order)
+                      problems: list|None=None # if given, gets (record number, reason) for each malformed part sanitized
                      ) -> dict:
-    "`{seed: [trajectory per reference]}` from a canned trajectory file."
+    "`{seed: [trajectory per reference]}` from a canned trajectory file; malformed parts are sanitized (see `sanitize_trajectory`)."
     p = Path(path)
     if not p.exists(): raise CliError(f'trajectory file not found: {p}')
     if p.suffix == '.json': recs = json.loads(p.read_text(encoding='utf-8'))
     else: recs = _jsonl(p)
-    recs = [r if isinstance(r, dict) else {'text': str(r)} for r in recs]
+    if not isinstance(recs, list): raise CliError(f'{p}: expected a JSON list of trajectories')
+    clean = []
+    for i, r in enumerate(recs):
+        r, probs = sanitize_trajectory(r)
+        seed = _meta(r).get('seed', r.get('seed', 0))
+        try:
+            if isinstance(seed, (bool, float)) or not isinstance(seed, (int, str)): raise ValueError
+            seed = int(seed)
+        except ValueError: probs.append(f'seed {str(seed)[:20]!r} is not an integer'); seed = 0
+        r['_seed'] = seed
+        if problems is not None: problems.extend((i + 1, m) for m in probs)
+        clean.append(r)
     by_seed = {}
-    for r in recs: by_seed.setdefault(int((r.get('meta') or {}).get('seed', r.get('seed', 0))), []).append(r)
+    for r in clean: by_seed.setdefault(r.pop('_seed'), []).append(r)
     out = {}
     for seed, rs in sorted(by_seed.items()):
-        ids = [(r.get('meta') or {}).get('sample_id', r.get('id')) for r in rs]
+        ids = [_meta(r).get('sample_id', r.get('id')) for r in rs]
         if all(i is not None for i in ids):
             by = dict(zip(map(str, ids), rs))
             missing = [x.id for x in refs if x.id not in by]
@@ -854,8 +913,9 @@ def _eval_tools(argv):
     gpath = Path(a.gallery) if a.gallery else Path(a.data).parent/'gallery.json'
     gallery = json.loads(gpath.read_text(encoding='utf-8')) if gpath.exists() else None
     if a.trajectories:
-        runs = load_trajectories(a.trajectories, refs)
-        nt_runs = load_trajectories(a.no_tools_trajectories, refs) if a.no_tools_trajectories else None
+        probs = []
+        runs = load_trajectories(a.trajectories, refs, probs)
+        nt_runs = load_trajectories(a.no_tools_trajectories, refs, probs) if a.no_tools_trajectories else None
         name = a.trajectories
     else:
         if a.server:
@@ -874,6 +934,9 @@ def _eval_tools(argv):
         nt_runs = run_tool_eval(mk(False), refs, a.images, a.seeds, progress=not a.json, **gen) if a.no_tools else None
     score = lambda rr: [score_trajectories(rr[s], refs, gallery) for s in rr]
     rep = tool_report(score(runs), score(nt_runs) if nt_runs else None, model=name, data=str(a.data), seeds=list(runs))
+    if a.trajectories:
+        rep['malformed_trajectories'] = {'count': len({i for i, _ in probs}), 'problems': len(probs),
+                                         'examples': [f'record {i}: {m}' for i, m in probs[:10]]}
     if a.out: _write_tool_outputs(a.out, rep, runs, nt_runs, refs, a.images, a.figures)
     print(json.dumps(rep) if a.json else report_markdown(rep))
     return 0

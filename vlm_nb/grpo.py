@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_grpo.ipynb #9be2cb95
 from __future__ import annotations
-import argparse, copy, dataclasses, json, math, os, random, re, shutil, string, sys, time
+import argparse, copy, dataclasses, json, math, os, pickle, random, re, shutil, string, sys, time
 from dataclasses import dataclass, field, asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -556,10 +556,18 @@ def _rollout_seed(seed, step, i, g) -> int: return (seed*1_000_003 + step*10_007
 def _trainable(model) -> dict: return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 def _rng_state() -> dict:
-    return {'torch': torch.get_rng_state(), 'python': random.getstate(), 'numpy': np.random.get_state()}
+    "RNG states as tensors and plain containers only (loadable with `torch.load(weights_only=True)`)."
+    v, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {'torch': torch.get_rng_state(), 'python': {'version': v, 'state': list(py_state), 'gauss': gauss},
+            'numpy': {'name': name, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                      'has_gauss': int(has_gauss), 'cached': float(cached)}}
 
 def _set_rng_state(s: dict):
-    torch.set_rng_state(s['torch']); random.setstate(s['python']); np.random.set_state(s['numpy'])
+    torch.set_rng_state(s['torch'])
+    p, n = s['python'], s['numpy']
+    random.setstate((p['version'], tuple(p['state']), p['gauss']))
+    np.random.set_state((n['name'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
 
 def save_checkpoint(out_dir, step: int, model, optimizer, cfg: GRPOConfig, keep: int=2) -> Path:
     "Write `out_dir/checkpoints/step-N` atomically (a folder rename); keep the newest `keep`."
@@ -580,7 +588,10 @@ def latest_checkpoint(out_dir) -> Path|None:
 
 def load_checkpoint(path, model, optimizer) -> int:
     "Restore trainable weights, optimizer and RNG states; returns the step."
-    st = torch.load(Path(path)/'state.pt', weights_only=False)
+    try: st = torch.load(Path(path)/'state.pt', map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing to load {Path(path)/'state.pt'}: it holds objects other than tensors and plain "
+                         f"containers (not a checkpoint this version wrote, or tampered with): {str(e).splitlines()[0]}") from None
     params = _trainable(model)
     missing = set(params) - set(st['trainable'])
     if missing: raise ValueError(f"checkpoint {path} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was it made with another mode?")
@@ -589,7 +600,7 @@ def load_checkpoint(path, model, optimizer) -> int:
     optimizer.load_state_dict(st['optimizer']); _set_rng_state(st['rng'])
     return json.loads((Path(path)/'trainer.json').read_text())['step']
 
-# %% ../nbs/08_grpo.ipynb #03152e4e
+# %% ../nbs/08_grpo.ipynb #122b051f
 def step_stats(rollouts: list, scores: list, valid: list) -> dict:
     "Per-reward means, reward mean/std, tool calls executed/failed, calls per rollout, lengths, masked rollouts."
     tot = np.array([s['total'] for s in scores])
@@ -603,7 +614,7 @@ def step_stats(rollouts: list, scores: list, valid: list) -> dict:
     d['masked'] = int(len(valid) - sum(valid))
     return d
 
-# %% ../nbs/08_grpo.ipynb #e07b886e
+# %% ../nbs/08_grpo.ipynb #57e394f9
 def _load_data(cfg: GRPOConfig) -> tuple:
     "(tasks, gallery, image_root) for `cfg.data`."
     if cfg.data == 'synthetic':
@@ -613,8 +624,22 @@ def _load_data(cfg: GRPOConfig) -> tuple:
     return tasks, gal, cfg.image_root or str(Path(cfg.data).parent)
 
 def _read_log(path) -> list:
+    "The records of a JSONL log; a torn last line (a kill mid-write) is ignored, a bad line elsewhere raises."
     if not Path(path).exists(): return []
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    lines = [l for l in Path(path).read_text(errors='replace').splitlines() if l.strip()]
+    out = []
+    for i, l in enumerate(lines):
+        try: r = json.loads(l)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1: break                          # torn by a kill: the step is redone on resume
+            raise ValueError(f'{path}: line {i + 1} is not JSON') from None
+        if isinstance(r, dict) and 'step' in r: out.append(r)
+    return out
+
+def _append_log(path, rec: dict):
+    "Append one JSON line and make it durable (flush + fsync), so a kill can tear at most the line being written."
+    with open(path, 'a') as f:
+        f.write(json.dumps(rec) + '\n'); f.flush(); os.fsync(f.fileno())
 
 def _save_final(model, adapter, base, out: Path):
     "Save the trained policy (LoRA adapter or full weights) plus tokenizer/processor files of the base."
@@ -706,7 +731,7 @@ def train_grpo(cfg: GRPOConfig, # the run
         rec = {'step': step + 1, 'loss': losses[-1], 'grad_norm': gn, **step_stats(rollouts, scores, valid),
                'clip_frac': float(np.mean(clips)) if clips else 0., 'kl': float(np.mean(kls)) if kls else 0.,
                'tasks': [tasks[i].id for i in idx], 'gen_s': round(t_gen, 3), 'step_s': round(time.time() - ts, 3)}
-        with open(log_path, 'a') as f: f.write(json.dumps(rec) + '\n')
+        _append_log(log_path, rec)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(out, step + 1, model, opt, cfg, cfg.save_total_limit)
         if on_step is not None: on_step(step + 1, rec)
@@ -721,7 +746,7 @@ def train_grpo(cfg: GRPOConfig, # the run
             'family': adapter.family, 'output_dir': str(out), 'log': str(log_path), 'final': str(out/'final'),
             'seconds': round(time.time() - t0, 2)}
 
-# %% ../nbs/08_grpo.ipynb #742ac30d
+# %% ../nbs/08_grpo.ipynb #85b2ddc5
 def train_grpo_main(argv: list|None=None # command-line arguments after `vlm-nb train grpo`
                    ) -> int:
     "CLI `vlm-nb train grpo CONFIG [--key value ...]`."
@@ -745,7 +770,7 @@ def train_grpo_main(argv: list|None=None # command-line arguments after `vlm-nb 
     print(json.dumps(s) if a.json else '\n'.join(f'{k}: {v}' for k, v in s.items()))
     return 0
 
-# %% ../nbs/08_grpo.ipynb #002fad17
+# %% ../nbs/08_grpo.ipynb #1928d2c7
 def demo_grpo(out_dir, # where the run writes (tiny model, checkpoints, log, final)
               steps: int=3, seed: int=0, **overrides) -> dict:
     "A few GRPO steps on a tiny model with tool calls executed in the rollouts; returns the training summary."

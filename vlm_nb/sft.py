@@ -19,8 +19,8 @@ __all__ = ['MODEL_PARTS', 'LORA_PRESETS', 'DEEPSPEED_CONFIGS', 'PROCESSOR_FILES'
            'load_config', 'steps_per_epoch', 'model_part', 'freeze_parts', 'trainable_report', 'lora_target_regex',
            'apply_lora', 'SFTDataset', 'build_sequences', 'SFTCollator', 'TrainStatsCallback', 'VLMTrainer',
            'configs_dir', 'write_deepspeed_configs', 'deepspeed_config', 'last_checkpoint', 'training_arguments',
-           'prepare_model', 'copy_processor_files', 'save_tokenizer_files', 'train_sft', 'merge_lora', 'train_sft_main',
-           'train_merge_main', 'bench_train', 'internvl_1b_config', 'gpu_train_bench']
+           'prepare_model', 'copy_processor_files', 'save_tokenizer_files', 'staging_dir', 'publish_dir', 'train_sft',
+           'merge_lora', 'train_sft_main', 'train_merge_main', 'bench_train', 'internvl_1b_config', 'gpu_train_bench']
 
 # %% ../nbs/07_sft.ipynb #6dc957ff
 @dataclass
@@ -467,7 +467,25 @@ def save_tokenizer_files(adapter, out:str|Path, base:str|Path|None=None):
     adapter.tokenizer.save_pretrained(str(out))
     copy_processor_files([base], out)
 
-# %% ../nbs/07_sft.ipynb #6713e5a1
+def staging_dir(final:str|Path)->Path:
+    "Where `final` is written before `publish_dir` moves it into place: `.NAME-tmp/NAME` beside it (hidden while partial)."
+    final = Path(final); return final.parent/f'.{final.name}-tmp'/final.name
+
+def publish_dir(tmp:str|Path, # a complete folder (e.g. `staging_dir(final)`)
+                final:str|Path)->Path:
+    "Move the complete folder `tmp` to `final` by renames, replacing an old `final` only once the new one is complete."
+    tmp, final = Path(tmp), Path(final)
+    old = final.parent/f'.{final.name}-old'
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists(): os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    if tmp.parent.name.startswith('.') and tmp.parent != final.parent:
+        try: tmp.parent.rmdir()
+        except OSError: pass
+    return final
+
+# %% ../nbs/07_sft.ipynb #a498632d
 def _world_size()->int: return int(os.environ.get('WORLD_SIZE', '1'))
 
 def train_sft(cfg:SFTConfig, # the run
@@ -496,12 +514,14 @@ def train_sft(cfg:SFTConfig, # the run
     res = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     secs = time.perf_counter() - t0
     metrics = trainer.evaluate() if eval_dataset is not None else {}   # on every rank (B-36)
-    final = out/'final'
-    trainer.save_model(str(final))
+    final = out/'final'; tmp = staging_dir(final)          # written beside it, renamed into place when complete
+    if trainer.is_world_process_zero(): shutil.rmtree(tmp.parent, ignore_errors=True)
+    trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
-        save_tokenizer_files(ad, final, cfg.model)
-        atomic_write_json(final/'vlm_nb_train.json', {'family': family, 'mode': cfg.mode, 'base_model': str(Path(cfg.model).resolve()),
-                                                     'steps': trainer.state.global_step})
+        save_tokenizer_files(ad, tmp, cfg.model)
+        atomic_write_json(tmp/'vlm_nb_train.json', {'family': family, 'mode': cfg.mode, 'base_model': str(Path(cfg.model).resolve()),
+                                                   'steps': trainer.state.global_step})
+        publish_dir(tmp, final)
     logs = [h for h in trainer.state.log_history if 'loss' in h]
     import torch.distributed as dist
     backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
@@ -515,7 +535,7 @@ def train_sft(cfg:SFTConfig, # the run
             'tokens_per_s': logs[-1].get('tokens_per_s') if logs else None, 'seconds': round(secs, 2),
             'trainable': trainable_report(model, family), 'final': str(final), 'output_dir': str(out)}
 
-# %% ../nbs/07_sft.ipynb #f8f6ff15
+# %% ../nbs/07_sft.ipynb #dbf8cd15
 def merge_lora(adapter_dir:str|Path, # a LoRA adapter folder (e.g. output_dir/final)
                out_dir:str|Path, # where the merged checkpoint goes
                base:str|Path|None=None, # base checkpoint (default: the adapter's base_model_name_or_path)
@@ -536,7 +556,7 @@ def merge_lora(adapter_dir:str|Path, # a LoRA adapter folder (e.g. output_dir/fi
     copy_processor_files([adapter_dir, base], out)
     return out
 
-# %% ../nbs/07_sft.ipynb #66619dd3
+# %% ../nbs/07_sft.ipynb #a4db1d7e
 def train_sft_main(argv:list|None=None)->int:
     "CLI `vlm-nb train sft CONFIG [--key value ...]`."
     p = argparse.ArgumentParser(prog='vlm-nb train sft', description='Supervised fine-tuning (full, LoRA, QLoRA) of a '
@@ -578,7 +598,7 @@ def train_merge_main(argv:list|None=None)->int:
 
 if __name__ == '__main__' and sys.argv and sys.argv[0].endswith('sft.py'): sys.exit(train_sft_main())
 
-# %% ../nbs/07_sft.ipynb #99104817
+# %% ../nbs/07_sft.ipynb #dd1717b3
 def _tokens_per_s(trainer, counter)->float:
     "Real tokens per second of a finished `trainer.train()` whose collator counted tokens in `counter`."
     rt = trainer.state.log_history[-1].get('train_runtime') or 1e-9
@@ -631,7 +651,7 @@ def bench_train(json:bool=False, # print one JSON object (else a short table)
         print(f"ours/TRL {out['ours_vs_trl']:.2f}x   packing/padding {out['packing_gain']:.2f}x")
     return out
 
-# %% ../nbs/07_sft.ipynb #ea20bf61
+# %% ../nbs/07_sft.ipynb #28bb7b84
 _PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10': 125e12, 'B200': 2250e12}
 
 def internvl_1b_config(tokenizer, size:str='1b'):
