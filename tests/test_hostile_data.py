@@ -1,7 +1,7 @@
 """Hostile inputs against every entry point that reads data, and the security contract (see nbs/17_reliability.ipynb).
 
 Contract: a clear error naming the sample, or a recorded skip; long runs continue; summaries count what was skipped;
-CLIs print one `error:` line, never a traceback. Known bugs are strict xfails (they fail loudly once fixed)."""
+CLIs print one `error:` line, never a traceback. Bugs found here were pinned as strict xfails, then fixed."""
 import builtins, json, os, shutil, subprocess, sys
 from pathlib import Path
 import numpy as np, pytest

@@ -853,7 +853,8 @@ def bench_toolloop(json:bool=True, # print one JSON line (else a readable summar
                    free_tokens:int=4, # greedy tokens after the scripted part (where KV and re-prefill must agree)
                    repeats:int=2, # best of this many timings
                    hidden:int=512, layers:int=4, # size of the benchmark model's language model
-                   max_tiles:int=12, # InternVL tiles of the prompt image (12 tiles + thumbnail = 3,328 image tokens)
+                   max_tiles:int=12, # InternVL tiles per prompt image (12 tiles + thumbnail = 3,328 image tokens)
+                   n_images:int=2, # prompt images (a long multimodal prefix, as in real tool use)
                    workdir:str|Path|None=None)->dict:
     "Time a 3-tool-call trajectory with KV continuation vs re-prefill at every segment vs no tools; returns the numbers."
     import json as _json
@@ -862,9 +863,8 @@ def bench_toolloop(json:bool=True, # print one JSON line (else a readable summar
     img = Image.new('RGB', (1792, 1344), (30, 90, 160)); img.paste((220, 40, 40), (100, 100, 400, 500))   # 4x3 tiles + thumbnail
     question = ('Look at the picture and tell me, carefully and step by step, what the red object on the left is, who '
                 'stands next to it and what they hold. ') * 12
-    script = ("<think>\n<tool_call>Identify [100, 100, 400, 500]</tool_call>"
-              "<tool_call>Crop [100, 100, 400, 500]</tool_call>"
-              "<tool_call>Identify [500, 100, 800, 500]</tool_call>\n</think>\n<answer>A red box.</answer>")
+    script = ("<tool_call>Identify [100, 100, 400, 500]</tool_call><tool_call>Crop [100, 100, 400, 500]</tool_call>"
+              "<tool_call>Identify [500, 100, 800, 500]</tool_call><answer>A red box.</answer>")
     tools = ToolEngine(model, ad, 'crop,identify', config=GenConfig(greedy=True, max_tool_calls=3))
     sid = ad.tokenizer.encode(script, add_special_tokens=False)
     n = len(sid) + free_tokens
@@ -872,7 +872,7 @@ def bench_toolloop(json:bool=True, # print one JSON line (else a readable summar
     def timed(e, **kw):
         best, tr = math.inf, None
         for _ in range(repeats):
-            t = time.perf_counter(); tr = e.run([img], question, [ForcedContinuation(ad.tokenizer, sid, 'free')], max_new_tokens=n, **kw)
+            t = time.perf_counter(); tr = e.run([img]*n_images, question, [ForcedContinuation(ad.tokenizer, sid, 'free')], max_new_tokens=n, **kw)
             best = min(best, time.perf_counter() - t)
         return best, tr
     timed(plain)                                                       # warm-up
