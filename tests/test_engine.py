@@ -97,3 +97,15 @@ def test_remote_loop_against_transformers_serve(work):
         try: proc.wait(20)
         except subprocess.TimeoutExpired: proc.kill()
         log.close()
+
+def test_images_loaded_from_paths_keep_their_key_for_galleries(tmp_path):
+    "Identify finds a person by the image's path, so images the CLI loads from disk must keep that path."
+    from PIL import Image
+    from vlm_nb.engine import _load_images, _as_registry
+    from vlm_nb.tools import image_key, parse_tool_calls, AnnotationGallery
+    p = tmp_path/'images'/'0001.png'; p.parent.mkdir(); Image.new('RGB', (64, 48)).save(p)
+    (im,) = _load_images([str(p)])
+    assert image_key(im) == str(p)
+    gallery = AnnotationGallery({'images/0001.png': [{'bbox': [10, 10, 30, 40], 'name': 'Ada'}]})
+    res = _as_registry('default', gallery).execute([im], parse_tool_calls('<tool_call>Identify [10, 10, 30, 40]</tool_call>')[0])
+    assert res.text == 'Ada'

@@ -12,7 +12,7 @@ from PIL import Image
 from .data import atomic_write_bytes, atomic_write_json, atomic_write_text, load_samples
 from .synthetic import (Scene, SceneObject, COLORS, SHAPES, FIRST_NAMES, render_scene, png_bytes, crop_box,
                                check_tool_record, new_gallery)
-from .models import FAMILIES, build_tokenizer_dir, get_adapter, load_model
+from .models import FAMILIES, build_tokenizer_dir, get_adapter, load_model, CHECKPOINT_META
 from .tools import AnnotationGallery
 from .sequences import SequenceBuilder, SequenceConfig
 from .sft import SFTConfig, SFTDataset, train_sft
@@ -230,7 +230,7 @@ def make_demo_model(cfg:DemoConfig, out_dir) -> Path:
     model = ad.load_model_class()(_model_config(cfg, tok))
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = ad.eos_ids, tok.pad_token_id
     model.save_pretrained(str(tmp))
-    atomic_write_json(tmp/'demo_adapter.json', demo_adapter_opts(cfg))
+    atomic_write_json(tmp/CHECKPOINT_META, {'adapter': demo_adapter_opts(cfg), 'system_prompt': DEMO_SYSTEM})  # `vlm-nb infer`/`webui` use them
     shutil.rmtree(out, ignore_errors=True); tmp.rename(out)
     return out
 

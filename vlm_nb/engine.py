@@ -13,7 +13,8 @@ from PIL import Image
 from fastcore.basics import patch
 from .data import load_image, ImageLoadError, read_dataset, atomic_write_json, resolve_image_path
 from .tools import (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE, ToolCall, ToolResult,
-                          ToolCallDetector, ToolRegistry, default_registry, system_prompt, load_gallery)
+                          ToolCallDetector, ToolRegistry, default_registry, system_prompt, load_gallery,
+                          keyed_image)
 from .models import DecodeState, FamilyAdapter, load_model
 
 # %% auto #0
@@ -276,8 +277,9 @@ class ToolEngine:
 # %% ../nbs/06_engine.ipynb #8dd5eb49
 @patch
 def system_text(self:ToolEngine, thinking=None)->str|None:
-    "The system prompt: explicit `system`, else the tool protocol (plus the thinking protocol for non-Ovis families)."
+    "The system prompt: explicit `system`, else the checkpoint's own (`vlm_nb.json`), else the tool protocol (+ thinking protocol)."
     if self.system is not None: return self.system or None
+    if self.registry and self.adapter.default_system: return self.adapter.default_system   # the prompt it was trained with
     parts = [system_prompt(list(self.registry))] if self.registry else []
     if thinking and self.adapter.family != 'ovis2_5': parts.append(THINKING_SYSTEM_PROMPT)
     return '\n\n'.join(parts) or None
@@ -303,7 +305,7 @@ def _load_images(images)->list:
     "PIL images from None, one image/path, or a list of them (paths through `load_image`, which raises `ImageLoadError`)."
     if images is None: return []
     if isinstance(images, (str, Path, Image.Image)): images = [images]
-    return [im if isinstance(im, Image.Image) else load_image(im) for im in images]
+    return [im if isinstance(im, Image.Image) else keyed_image(load_image(im), im) for im in images]   # keyed: galleries look images up by path
 
 class _Decoder:
     "Incremental detokenizer: emits text once it is complete UTF-8 (byte-level BPE decodes piecewise)."
@@ -505,7 +507,7 @@ def batch_infer(engine, # a `ToolEngine` or `RemoteEngine`
     def fn(batch):
         reqs, res = [], {}
         for k, (it, n) in enumerate(batch):
-            try: reqs.append((k, [load_image(p, it.root) for p in it.images]))
+            try: reqs.append((k, [keyed_image(load_image(p, it.root), p) for p in it.images]))
             except ImageLoadError as e: res[k] = e
         got = engine.run_batch([(ims, batch[k][0].prompt) for k, ims in reqs], **overrides)
         res.update({k: r for (k, _), r in zip(reqs, got)})
@@ -805,7 +807,7 @@ def _infer(argv):
     if a.video:
         frames, idx, info = read_video(a.video, a.frames, a.fps, a.max_frames)
         images, prompt = frames, video_prompt(len(frames), a.prompt)
-    else: images, prompt = [load_image(a.image)], a.prompt
+    else: images, prompt = [keyed_image(load_image(a.image), a.image)], a.prompt
     traj = None
     for ev in eng.stream(images, prompt):
         if isinstance(ev, Finish): traj = ev.trajectory

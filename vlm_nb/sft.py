@@ -450,7 +450,7 @@ def _load_4bit(cfg, family, BitsAndBytesConfig):
 
 # %% ../nbs/07_sft.ipynb #597dfbff
 PROCESSOR_FILES = ('preprocessor_config.json', 'processor_config.json', 'chat_template.json', 'chat_template.jinja',
-                   'video_preprocessor_config.json', 'generation_config.json')
+                   'video_preprocessor_config.json', 'generation_config.json', 'vlm_nb.json')
 
 def copy_processor_files(src_dirs:list, # folders to take files from, first match wins
                          out:str|Path)->list:
