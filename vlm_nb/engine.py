@@ -14,14 +14,14 @@ from fastcore.basics import patch
 from .data import load_image, ImageLoadError, read_dataset, atomic_write_json, resolve_image_path
 from .tools import (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE, ToolCall, ToolResult,
                           ToolCallDetector, ToolRegistry, default_registry, system_prompt, load_gallery,
-                          keyed_image)
+                          keyed_image, extract_answer)
 from .models import DecodeState, FamilyAdapter, load_model
 
 # %% auto #0
 __all__ = ['THINK_NUDGE', 'THINKING_SYSTEM_PROMPT', 'IMAGE_EXTS', 'GenConfig', 'sample_token', 'ForcedContinuation', 'TextChunk',
-           'ToolCallEvent', 'ToolResultEvent', 'Finish', 'Step', 'extract_answer', 'Trajectory', 'ToolEngine',
-           'BatchItem', 'BatchItems', 'batch_items', 'is_oom', 'run_with_oom_backoff', 'batch_infer', 'frame_indices',
-           'read_video', 'video_prompt', 'image_data_url', 'RemoteEngine', 'infer_main', 'bench_toolloop']
+           'ToolCallEvent', 'ToolResultEvent', 'Finish', 'Step', 'Trajectory', 'ToolEngine', 'BatchItem', 'BatchItems',
+           'batch_items', 'is_oom', 'run_with_oom_backoff', 'batch_infer', 'frame_indices', 'read_video',
+           'video_prompt', 'image_data_url', 'RemoteEngine', 'infer_main', 'bench_toolloop']
 
 # %% ../nbs/06_engine.ipynb #546b5309
 THINK_NUDGE = "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n</think>\n\n"
@@ -134,17 +134,7 @@ class Step:
     image: Image.Image|None = None  # the result image (tool_result of kind image)
     data: dict = field(default_factory=dict)  # call: name/bbox/error; result: kind/box/message/n_tokens
 
-def extract_answer(text:str # generated text (reasoning, calls, answer)
-                  )->str:
-    "The final answer: inside the last `<answer>…</answer>`, else the text after the last `</think>`, without tags."
-    m = list(re.finditer(r'<answer>(.*?)(?:</answer>|\Z)', text, re.S))
-    if m: return m[-1].group(1).strip()
-    if '</think>' in text: text = text.rsplit('</think>', 1)[1]
-    elif '<think>' in text: return ''
-    text = re.sub(r'<tool_call>.*?</tool_call>|<tool_response>.*?</tool_response>', '', text, flags=re.S)
-    return re.sub(r'<\|im_end\|>|<\|endoftext\|>', '', text).strip()
-
-# %% ../nbs/06_engine.ipynb #f544ab49
+# %% ../nbs/06_engine.ipynb #8a273ce9
 def _png_b64(img, max_side=None):
     if max_side and max(img.size) > max_side:
         img = img.copy(); img.thumbnail((max_side, max_side))
@@ -180,7 +170,7 @@ class Trajectory:
         return (f"Trajectory({self.n_tool_calls} tool calls, {self.n_new_tokens} new tokens, finish={self.finish_reason!r}, "
                 f"answer={self.answer[:60]!r})")
 
-# %% ../nbs/06_engine.ipynb #7b0e8062
+# %% ../nbs/06_engine.ipynb #12bd805b
 @patch
 def to_dict(self:Trajectory, image_names:dict|None=None # {id(image): file name} when the images are saved
            )->dict:
@@ -238,7 +228,7 @@ def _repr_html_(self:Trajectory):
                f'{self.n_new_tokens} new tokens · answer: <b>{esc(self.answer)}</b></div></div>')
     return ''.join(out)
 
-# %% ../nbs/06_engine.ipynb #1dd5d154
+# %% ../nbs/06_engine.ipynb #8dd5eb49
 def _as_registry(tools, gallery=None):
     "None/[] -> None (no tools); 'default' -> built-ins; names, tools or a registry -> a registry."
     if tools is None or (isinstance(tools, (list, tuple)) and not tools): return None
@@ -274,7 +264,7 @@ class ToolEngine:
     def __repr__(self):
         return f"ToolEngine({self.adapter.family}, tools={self.registry.names if self.registry else None})"
 
-# %% ../nbs/06_engine.ipynb #8dd5eb49
+# %% ../nbs/06_engine.ipynb #d6badf6d
 @patch
 def system_text(self:ToolEngine, thinking=None)->str|None:
     "The system prompt: explicit `system`, else the checkpoint's own (`vlm_nb.json`), else the tool protocol (+ thinking protocol)."
@@ -300,7 +290,7 @@ def encode_prompt(self:ToolEngine, images:list, prompt:str, thinking=None)->tupl
     blocks = [ad.image_block(im) for im in images]
     return ad.encode_with_images(ad.render_prompt(msgs, enable_thinking=thinking), blocks), blocks, sys_
 
-# %% ../nbs/06_engine.ipynb #87763600
+# %% ../nbs/06_engine.ipynb #ae841831
 def _load_images(images)->list:
     "PIL images from None, one image/path, or a list of them (paths through `load_image`, which raises `ImageLoadError`)."
     if images is None: return []
@@ -414,7 +404,7 @@ def run(self:ToolEngine, images, prompt:str, logits_processors=None, **overrides
     for ev in self.stream(images, prompt, logits_processors, **overrides):
         if isinstance(ev, Finish): return ev.trajectory
 
-# %% ../nbs/06_engine.ipynb #fe429ed0
+# %% ../nbs/06_engine.ipynb #20b7aaa8
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 @dataclass
@@ -482,7 +472,7 @@ def run_batch(self:ToolEngine, requests:list, # [(images, prompt)]
             out.append(e)
     return out
 
-# %% ../nbs/06_engine.ipynb #20b7aaa8
+# %% ../nbs/06_engine.ipynb #a81ee32a
 def _safe_name(s:str)->str: return re.sub(r'[^\w.-]+', '_', s).strip('._')[:150] or 'item'
 
 def batch_infer(engine, # a `ToolEngine` or `RemoteEngine`
@@ -530,7 +520,7 @@ def batch_infer(engine, # a `ToolEngine` or `RemoteEngine`
     atomic_write_json(out/'summary.json', stats)
     return stats
 
-# %% ../nbs/06_engine.ipynb #c652b939
+# %% ../nbs/06_engine.ipynb #95802359
 def frame_indices(n_frames:int, # frames in the video
                   frames:int|None=None, # how many to sample (default 8 unless `fps` is given)
                   fps:float|None=None, # sample rate instead of a count
@@ -546,7 +536,7 @@ def frame_indices(n_frames:int, # frames in the video
     seg = (end_idx - start_idx)/n
     return [int(start_idx + seg/2 + round(seg*k)) for k in range(n)]
 
-# %% ../nbs/06_engine.ipynb #31d6c1e2
+# %% ../nbs/06_engine.ipynb #983642c5
 def _video_backend():
     for m in ('av', 'cv2'):
         try: __import__(m); return m
@@ -599,7 +589,7 @@ def video_prompt(n_frames:int, question:str)->str:
     "InternVL-style multi-frame prompt: `Frame1: <image>\\n…` then the question."
     return ''.join(f'Frame{i+1}: <image>\n' for i in range(n_frames)) + question
 
-# %% ../nbs/06_engine.ipynb #2b161920
+# %% ../nbs/06_engine.ipynb #a084f310
 def image_data_url(img:Image.Image)->str:
     "A PNG `data:` URL for an OpenAI `image_url` content part."
     return 'data:image/png;base64,' + _png_b64(img)
@@ -629,7 +619,7 @@ class RemoteEngine:
         return '\n\n'.join(parts) or None
     run_batch = ToolEngine.run_batch
 
-# %% ../nbs/06_engine.ipynb #a084f310
+# %% ../nbs/06_engine.ipynb #80e3bc97
 @patch
 def _request(self:RemoteEngine, messages, max_tokens, cfg, continuing):
     kw = dict(model=self.model, messages=messages, max_tokens=max(1, int(max_tokens)), stop=[TOOL_CALL_CLOSE], seed=cfg.seed)
@@ -726,7 +716,7 @@ def run(self:RemoteEngine, images, prompt:str, **overrides)->Trajectory:
     for ev in self.stream(images, prompt, **overrides):
         if isinstance(ev, Finish): return ev.trajectory
 
-# %% ../nbs/06_engine.ipynb #d843f0e9
+# %% ../nbs/06_engine.ipynb #c3ac56a6
 class _InferUsage(Exception): pass
 class _InferParser(argparse.ArgumentParser):
     def error(self, message): raise _InferUsage(message)
@@ -832,7 +822,7 @@ def infer_main(argv:list|None=None)->int:
         msg = ' '.join(str(e).split()) or type(e).__name__
         print(f'error: {msg[:300]}', file=sys.stderr); return 1
 
-# %% ../nbs/06_engine.ipynb #bf108031
+# %% ../nbs/06_engine.ipynb #ef1019de
 def _bench_checkpoint(out:Path, hidden:int=256, layers:int=4)->Path:
     "A tiny InternVL3.5 widened so that prefill compute (not per-call overhead) dominates, like a real model's prefix."
     import transformers as T

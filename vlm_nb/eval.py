@@ -15,11 +15,11 @@ from matplotlib.patches import Rectangle
 from .data import (iou, to_pixels, ResizeInfo, is_valid_box, clamp_box, load_image, ImageLoadError, load_samples,
                          read_jsonl, atomic_write_json, atomic_write_text, Sample, record_to_sample)
 from .tools import (parse_tool_calls, pair_responses, response_text, tool_response_spans, keyed_image, NATIVE_COORDS,
-                          TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE)
+                          TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE, extract_answer)
 from .synthetic import load_refcoco, normalize_split, gallery_lookup
 
 # %% auto #0
-__all__ = ['Z95', 'COORD_CHOICES', 'METRIC_KEYS', 'wilson_ci', 'final_answer', 'box_space', 'parse_pred_box', 'RecItem',
+__all__ = ['Z95', 'COORD_CHOICES', 'final_answer', 'METRIC_KEYS', 'wilson_ci', 'box_space', 'parse_pred_box', 'RecItem',
            'rec_items', 'score_rec', 'rec_prompt', 'image_data_url', 'LocalGrounder', 'ServerGrounder', 'run_rec',
            'prediction_record', 'save_figure', 'plot_boxes', 'CliError', 'eval_rec_main', 'Reference', 'as_reference',
            'normalize_answer', 'answer_match', 'sanitize_trajectory', 'TrajectoryFacts', 'trajectory_facts',
@@ -54,14 +54,7 @@ _LIST_PATTERN = re.compile(r'\[\s*(' + _NUM + r')\s*,\s*(' + _NUM + r')\s*,\s*('
 _TOOL_BLOCKS = re.compile(r'<tool_call>.*?(?:</tool_call>|\Z)|<tool_response>.*?(?:</tool_response>|\Z)', re.S)
 COORD_CHOICES = ('auto', 'abs', 'norm1', 'norm1000', 'resized')
 
-def final_answer(text: str # generated text (reasoning, calls, answer)
-                ) -> str:
-    "The final answer: inside the last `<answer>…</answer>`, else after the last `</think>`, without tool blocks."
-    m = list(re.finditer(r'<answer>(.*?)(?:</answer>|\Z)', text, re.S))
-    if m: return m[-1].group(1).strip()
-    if '</think>' in text: text = text.rsplit('</think>', 1)[1]
-    elif '<think>' in text: return ''
-    return re.sub(r'<\|im_end\|>|<\|endoftext\|>', '', _TOOL_BLOCKS.sub('', text)).strip()
+final_answer = extract_answer   # the answer as the engine defines it (vlm_nb.tools), so metrics score what the engine returns
 
 def box_space(syntax: str, # 'list' | 'json' | 'internvl' | 'pairs'
               values, # the four numbers as written
