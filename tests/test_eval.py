@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
-from vlm_nb.eval import (wilson_ci, parse_pred_box, RecItem, score_rec, rec_items, Reference, as_reference, answer_match,
+from vlm_nb.eval import (wilson_ci, parse_pred_box, RecItem, score_rec, rec_items, Reference, as_reference,
                          trajectory_facts, score_trajectories, avg_at_k, METRIC_KEYS, eval_rec_main, eval_tools_main,
                          read_train_log, training_curves, plot_training, plot_mask, mask_runs, plot_trajectory, plot_boxes)
 from vlm_nb.synthetic import build_tool_dataset, load_refcoco
+from vlm_nb.tools import answer_match
 from vlm_nb.data import load_samples
 
 
@@ -56,6 +57,15 @@ def test_score_rec_hand_computed():
 def test_answer_match():
     assert answer_match('It says 77.', '77') and not answer_match('177', '77')
     assert answer_match('Bo Wu and Ada Li', 'Ada Li and Bo Wu') and not answer_match('Ada Li', 'Ada Li and Bo Wu')
+    # the counter-examples the two earlier copies got wrong
+    assert answer_match('A', 'A', ['red', 'blue']) and not answer_match('', 'A') and not answer_match('the', 'A')
+    assert not answer_match('-5', '5') and not answer_match('3 or 2', '3') and not answer_match('cat or dog', 'cat')
+    assert not answer_match('Alice, Bob and Carol', 'Alice and Bob') and not answer_match('not closed', 'closed')
+
+
+def test_strict_and_lenient_accuracy():
+    s = score_trajectories(['<think>\nIt is 7.\n</think>\n7', '<answer>7</answer>'], [R_CROP, R_CROP])
+    assert (s['answer_accuracy'], s['answer_accuracy_strict']) == (1.0, 0.5)
 
 
 def _step(kind, text='', **d): return {'kind': kind, 'text': text, **d}
@@ -77,7 +87,7 @@ def test_score_trajectories_hand_computed():
     s = score_trajectories([T_CROP, T_NONE, T_IDENT, T_FAKE], [R_CROP, R_CROP, R_ID1, R_ID2])
     assert {k: s[k] for k in METRIC_KEYS + ('n',)} == {
         'tool_call_rate': 0.75, 'tool_call_validity': 2 / 3, 'crop_iou': 0.375, 'answer_accuracy': 0.5,
-        'identity_accuracy': 0.5, 'self_written_tool_response_rate': 0.25, 'turns_per_answer': 1.5, 'n': 4}
+        'answer_accuracy_strict': 0.5, 'identity_accuracy': 0.5, 'self_written_tool_response_rate': 0.25, 'turns_per_answer': 1.5, 'n': 4}
     assert s['answer_accuracy_ci95'] == [0.15, 0.85]
     assert s['counts']['self_written_tool_responses'] == 1 and s['counts']['tool_calls'] == 3
 

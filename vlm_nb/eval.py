@@ -15,17 +15,17 @@ from matplotlib.patches import Rectangle
 from .data import (iou, to_pixels, ResizeInfo, is_valid_box, clamp_box, load_image, ImageLoadError, load_samples,
                          read_jsonl, atomic_write_json, atomic_write_text, Sample, record_to_sample)
 from .tools import (parse_tool_calls, pair_responses, response_text, tool_response_spans, keyed_image, NATIVE_COORDS,
-                          TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE, extract_answer)
+                          TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE, extract_answer, answer_match, normalize_answer)
 from .synthetic import load_refcoco, normalize_split, gallery_lookup
 
 # %% auto #0
 __all__ = ['Z95', 'COORD_CHOICES', 'final_answer', 'METRIC_KEYS', 'wilson_ci', 'box_space', 'parse_pred_box', 'RecItem',
            'rec_items', 'score_rec', 'rec_prompt', 'image_data_url', 'LocalGrounder', 'ServerGrounder', 'run_rec',
            'prediction_record', 'save_figure', 'plot_boxes', 'CliError', 'eval_rec_main', 'Reference', 'as_reference',
-           'normalize_answer', 'answer_match', 'sanitize_trajectory', 'TrajectoryFacts', 'trajectory_facts',
-           'score_one', 'score_trajectories', 'avg_at_k', 'plot_trajectory', 'read_train_log', 'training_curves',
-           'plot_training', 'mask_runs', 'plot_mask', 'sample_images', 'make_engine', 'run_tool_eval', 'tool_report',
-           'report_markdown', 'plot_metrics', 'load_trajectories', 'eval_tools_main']
+           'sanitize_trajectory', 'TrajectoryFacts', 'trajectory_facts', 'score_one', 'score_trajectories', 'avg_at_k',
+           'plot_trajectory', 'read_train_log', 'training_curves', 'plot_training', 'mask_runs', 'plot_mask',
+           'sample_images', 'make_engine', 'run_tool_eval', 'tool_report', 'report_markdown', 'plot_metrics',
+           'load_trajectories', 'eval_tools_main']
 
 # %% ../nbs/12_eval.ipynb #6f99f827
 Z95 = NormalDist().inv_cdf(0.975)   # 1.959963984540054
@@ -388,6 +388,7 @@ class Reference:
     identities: list = field(default_factory=list)    # [(name, box)] of reference Identify calls
     kind: str|None = None                             # e.g. 'crop', 'identify', 'count'
     n_calls: int = 0
+    choices: list|None = None                         # multiple-choice options (the record's 'choices')
 
 def as_reference(x # a `Reference`, a `Sample`, or a llava record dict
                 ) -> Reference:
@@ -402,25 +403,12 @@ def as_reference(x # a `Reference`, a `Sample`, or a llava record dict
            if c.ok and c.name == 'Identify' and span is not None]
     meta = s.meta or {}
     return Reference(str(s.id), list(s.images), s.user_turns[0].text if s.user_turns else '', final_answer(text), crops, ids,
-                     meta.get('kind') or meta.get('question_type'), len(calls))
+                     meta.get('kind') or meta.get('question_type'), len(calls),
+                     meta.get('choices') if isinstance(meta.get('choices'), list) else None)
 
 # %% ../nbs/12_eval.ipynb #37eae88c
-def normalize_answer(s: str) -> str:
-    "Lower-case, punctuation to spaces (digits, letters and decimal points kept), articles dropped, spaces collapsed."
-    s = re.sub(r"[^\w\s.]|_|(?<!\d)\.|\.(?!\d)", ' ', s.lower())
-    return ' '.join(w for w in s.split() if w not in ('a', 'an', 'the'))
+def _correct(answer, ref) -> bool: return answer_match(answer, ref.answer, ref.choices)
 
-def answer_match(pred: str, # the model's final answer
-                 gold: str # the reference answer
-                ) -> bool:
-    "True when `pred` gives the reference answer (numbers: first number equal; else all parts as whole words)."
-    p, g = normalize_answer(pred), normalize_answer(gold)
-    if not g: return not p
-    if re.fullmatch(r'-?\d+(?:\.\d+)?', g):
-        m = re.search(r'-?\d+(?:\.\d+)?', p)
-        return bool(m) and float(m.group(0)) == float(g)
-    parts = [normalize_answer(x) for x in re.split(r',|\band\b', gold.lower()) if normalize_answer(x)]
-    return all(re.search(r'(?<!\w)' + re.escape(x) + r'(?!\w)', p) for x in parts)
 
 # %% ../nbs/12_eval.ipynb #6f8037c1
 _STEP_KINDS = ('text', 'tool_call', 'tool_result', 'nudge')
@@ -489,6 +477,7 @@ class TrajectoryFacts:
     turns: int         # model turns: 1 + tool results appended
     answer: str
     text: str
+    answer_strict: str|None = None  # the last closed `<answer>…</answer>` (the GRPO reading), None without one
 
 def trajectory_facts(t # a `Trajectory`, its dict, or a plain text
                     ) -> TrajectoryFacts:
@@ -510,10 +499,10 @@ def trajectory_facts(t # a `Trajectory`, its dict, or a plain text
             for c in parse_tool_calls(text):
                 calls.append({'name': c.name, 'bbox': c.bbox, 'error': c.error, 'executed': False, 'result_kind': None, 'result_text': None})
     full = ''.join(text for _, text, _ in _steps(t))
-    return TrajectoryFacts(calls, self_written, 1 + results, final_answer(full), full)
+    return TrajectoryFacts(calls, self_written, 1 + results, final_answer(full), full, extract_answer(full, strict=True))
 
 # %% ../nbs/12_eval.ipynb #87371380
-METRIC_KEYS = ('tool_call_rate', 'tool_call_validity', 'crop_iou', 'answer_accuracy', 'identity_accuracy',
+METRIC_KEYS = ('tool_call_rate', 'tool_call_validity', 'crop_iou', 'answer_accuracy', 'answer_accuracy_strict', 'identity_accuracy',
                'self_written_tool_response_rate', 'turns_per_answer')
 
 def _mean(xs): xs = list(xs); return sum(xs) / len(xs) if xs else None
@@ -542,7 +531,7 @@ def score_one(t, # a trajectory (see `trajectory_facts`)
         found += ok
     return {'id': ref.id, 'kind': ref.kind, 'n_calls': len(f.calls), 'valid_calls': sum(map(_call_valid, f.calls)),
             'crop_ious': [max((iou(c, g) for c in crops), default=0.0) for g in ref.crops],
-            'correct': answer_match(f.answer, ref.answer), 'answer': f.answer, 'reference': ref.answer,
+            'correct': _correct(f.answer, ref), 'correct_strict': _correct(f.answer_strict, ref), 'answer': f.answer, 'reference': ref.answer,
             'identities': len(ref.identities), 'identified': found, 'self_written': f.self_written, 'turns': f.turns}
 
 def score_trajectories(trajectories: list, # trajectories, one per reference, in the same order
@@ -563,6 +552,7 @@ def score_trajectories(trajectories: list, # trajectories, one per reference, in
            'tool_call_validity': valid / calls if calls else None,
            'crop_iou': _mean(ious),
            'answer_accuracy': correct / n if n else None,
+           'answer_accuracy_strict': _mean(r['correct_strict'] for r in rows),
            'identity_accuracy': found / ident if ident else None,
            'self_written_tool_response_rate': _mean(r['self_written'] > 0 for r in rows),
            'turns_per_answer': _mean(r['turns'] for r in rows),

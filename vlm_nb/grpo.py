@@ -14,18 +14,18 @@ from PIL import Image
 from .data import Sample, iou, clamp_box, load_image, atomic_write_json, atomic_write_text, read_jsonl
 from .tools import (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE, ToolResult,
                           ToolRegistry, AnnotationGallery, parse_tool_calls, pair_responses, response_text,
-                          keyed_image, load_gallery)
+                          keyed_image, load_gallery, extract_answer, answer_match, normalize_answer)
 from .sequences import PROMPT, TRAINED, TOOL_RESPONSE, IMAGE
 from .sft import LoraSettings, apply_overrides
 
 # %% auto #0
 __all__ = ['REWARD_FUNCS', 'Rollout', 'simulate_rollout', 'GRPOTask', 'task_from_record', 'synthetic_tasks', 'load_tasks',
-           'normalize_answer', 'answer_text', 'answer_match', 'reward_answer', 'reward_identity', 'reward_crop',
-           'reward_format', 'penalty_self_response', 'penalty_empty_answer', 'penalty_turn_budget', 'RewardWeights',
-           'score_rollout', 'group_advantages', 'token_logprobs', 'loss_weights', 'per_token_loss', 'policy_loss',
-           'GRPOConfig', 'load_grpo_config', 'TokenRecorder', 'jitter_box', 'scripted_prefix',
-           'rollout_from_trajectory', 'generate_group', 'prepare_policy', 'rollout_logprobs', 'save_checkpoint',
-           'latest_checkpoint', 'load_checkpoint', 'step_stats', 'train_grpo', 'train_grpo_main', 'demo_grpo']
+           'answer_text', 'reward_answer', 'reward_identity', 'reward_crop', 'reward_format', 'penalty_self_response',
+           'penalty_empty_answer', 'penalty_turn_budget', 'RewardWeights', 'score_rollout', 'group_advantages',
+           'token_logprobs', 'loss_weights', 'per_token_loss', 'policy_loss', 'GRPOConfig', 'load_grpo_config',
+           'TokenRecorder', 'jitter_box', 'scripted_prefix', 'rollout_from_trajectory', 'generate_group',
+           'prepare_policy', 'rollout_logprobs', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint',
+           'step_stats', 'train_grpo', 'train_grpo_main', 'demo_grpo']
 
 # %% ../nbs/08_grpo.ipynb #43b4e8c3
 @dataclass(eq=False)
@@ -176,43 +176,15 @@ def load_tasks(path, # tool dataset (llava JSON list, or JSONL) whose gpt turns 
     return [task_from_record(r, by_ann) for r in recs]
 
 # %% ../nbs/08_grpo.ipynb #3ecf3da3
-_ARTICLES = re.compile(r'\b(a|an|the)\b')
-_PUNCT = str.maketrans({c: ' ' for c in string.punctuation})
-
-def normalize_answer(s: str) -> str:
-    "Lower case, punctuation and articles removed, whitespace collapsed."
-    return ' '.join(_ARTICLES.sub(' ', str(s).lower().translate(_PUNCT)).split())
-
 def answer_text(rollout: Rollout) -> str|None:
-    "The content of the last *closed* `<answer>…</answer>` the model wrote, or None (no lenient fallbacks here)."
-    m = _ANSWER_RE.findall(rollout.model_text)
-    return m[-1].strip() if m else None
+    "The content of the last *closed* `<answer>…</answer>` the model wrote, or None (`extract_answer` in strict mode)."
+    return extract_answer(rollout.model_text, strict=True)
 
-def _name_set(s: str) -> frozenset:
-    return frozenset(normalize_answer(p) for p in re.split(r',|;|&|\band\b', s) if normalize_answer(p))
-
-def _choice_index(s: str, choices: list):
-    n = normalize_answer(s)
-    m = re.fullmatch(r'\(?([a-z])\)?\.?', s.strip().lower())
-    if m and ord(m.group(1)) - 97 < len(choices): return ord(m.group(1)) - 97
-    return next((i for i, c in enumerate(choices) if normalize_answer(c) == n), None)
-
-def answer_match(pred: str|None, # the model's answer
-                 gold: str, # the gold answer
-                 choices: list|None=None # multiple-choice options
-                ) -> float:
-    "1.0 when `pred` states the gold answer (normalised, name lists in any order, or the same choice), else 0.0."
-    if pred is None or not normalize_answer(pred): return 0.
-    if choices:
-        i = _choice_index(pred, choices)
-        return float(i is not None and i == _choice_index(gold, choices))
-    if normalize_answer(pred) == normalize_answer(gold): return 1.
-    return float(len(_name_set(gold)) > 1 and _name_set(pred) == _name_set(gold))
 
 # %% ../nbs/08_grpo.ipynb #b65723b0
 def reward_answer(r: Rollout, task: GRPOTask) -> float:
-    "1.0 for a correct final answer, else 0.0."
-    return answer_match(answer_text(r), task.answer, task.choices)
+    "1.0 for a correct final answer (`answer_match` on the closed answer block), else 0.0."
+    return float(answer_match(answer_text(r), task.answer, task.choices))
 
 def reward_identity(r: Rollout, task: GRPOTask) -> float:
     "Fraction of gold names both returned by an executed Identify call and stated in the answer (0 without names)."

@@ -16,11 +16,12 @@ from .data import (iou, clamp_box, box_area, to_pixels, ResizeInfo, load_image, 
 __all__ = ['TOOL_CALL_OPEN', 'TOOL_CALL_CLOSE', 'TOOL_RESPONSE_OPEN', 'TOOL_RESPONSE_CLOSE', 'STOP_STRINGS', 'BUILTIN_TOOL_NAMES',
            'COORD_SPACES', 'NATIVE_COORDS', 'TOOLS_PATH_ENV', 'ToolCall', 'parse_box', 'check_box', 'known_tool_names',
            'parse_call_at', 'parse_tool_calls', 'ToolCallDetector', 'tool_response_spans', 'pair_responses',
-           'response_text', 'format_tool_call', 'format_tool_response', 'extract_answer', 'box_to_original',
-           'ToolResult', 'as_result', 'image_key', 'keyed_image', 'ToolBase', 'plan_crop', 'Gallery',
-           'AnnotationGallery', 'histogram_embedding', 'EmbeddingGallery', 'load_gallery', 'UnknownToolError',
-           'is_tool', 'ToolRegistry', 'builtin_tools_dir', 'make_registry', 'default_registry', 'get_tool',
-           'system_prompt', 'tool_schema', 'tool_schemas', 'tools_list_main', 'tools_parse_main']
+           'response_text', 'format_tool_call', 'format_tool_response', 'extract_answer', 'normalize_answer',
+           'answer_match', 'box_to_original', 'ToolResult', 'as_result', 'execute_call', 'image_key', 'keyed_image',
+           'ToolBase', 'plan_crop', 'Gallery', 'AnnotationGallery', 'histogram_embedding', 'EmbeddingGallery',
+           'load_gallery', 'UnknownToolError', 'is_tool', 'ToolRegistry', 'builtin_tools_dir', 'make_registry',
+           'default_registry', 'get_tool', 'system_prompt', 'tool_schema', 'tool_schemas', 'tools_list_main',
+           'tools_parse_main']
 
 # %% ../nbs/01_tools.ipynb #bcd52548
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = '<tool_call>', '</tool_call>'
@@ -285,15 +286,77 @@ def format_tool_response(text: str) -> str:
 
 # %% ../nbs/01_tools.ipynb #62027488
 _TOOL_BLOCKS = re.compile(r'<tool_call>.*?(?:</tool_call>|\Z)|<tool_response>.*?(?:</tool_response>|\Z)', re.S)
+_CLOSED_ANSWER = re.compile(r'<answer>(.*?)</answer>', re.S)
 
-def extract_answer(text: str # generated text (reasoning, calls, answer)
-                  ) -> str:
+def extract_answer(text: str, # generated text (reasoning, calls, answer)
+                   strict: bool=False # only a closed `<answer>…</answer>` counts (None without one)
+                  ) -> str|None:
     "The final answer: inside the last `<answer>…</answer>`, else after the last `</think>`, without tool blocks."
+    if strict:
+        m = _CLOSED_ANSWER.findall(_TOOL_BLOCKS.sub('', text))
+        return m[-1].strip() if m else None
     m = list(re.finditer(r'<answer>(.*?)(?:</answer>|\Z)', text, re.S))
     if m: return m[-1].group(1).strip()
     if '</think>' in text: text = text.rsplit('</think>', 1)[1]
     elif '<think>' in text: return ''
     return re.sub(r'<\|im_end\|>|<\|endoftext\|>', '', _TOOL_BLOCKS.sub('', text)).strip()
+
+
+# %% ../nbs/01_tools.ipynb #be5ab843
+_NUMBER = r'[-−]?\d+(?:,\d{3})*(?:\.\d+)?'
+_ANSWER_TOKEN = re.compile(rf'(?<![^\W_]){_NUMBER}|[^\W_]+')
+_NUM_WORDS = {w: float(i) for i, w in enumerate('zero one two three four five six seven eight nine ten eleven twelve '
+                                                'thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty'.split())}
+_HEDGES = {'or', 'either', 'maybe', 'perhaps', 'possibly'}
+_NEGATIONS = {'not', 'no', 'never', 'none', 'neither', 'nor', 'nothing', 'nobody', 'cannot', 'without'}
+_LIST_SEP = re.compile(r',|;|&|/|\band\b', re.I)
+_LETTER = re.compile(r'\(?([a-z])\)?[.):]?(?:\s+(.*))?', re.I | re.S)
+
+def _answer_tokens(s, articles: bool=True) -> list:
+    "Lower-case words and signed numbers of `s` (`n't` read as `not`); articles dropped unless `articles`."
+    t = _ANSWER_TOKEN.findall(re.sub(r"n[’']t\b", ' not', str(s).lower()).replace('−', '-'))
+    return t if articles else [w for w in t if w not in ('a', 'an', 'the')]
+
+def normalize_answer(s: str) -> str:
+    "Lower case, punctuation and articles removed (numbers keep their sign and decimals), whitespace collapsed."
+    return ' '.join(_answer_tokens(s, False) or _answer_tokens(s))
+
+def _numbers(s) -> list:
+    "Every number `s` states, in digits or as a word from zero to twenty."
+    return [_NUM_WORDS[w] if w in _NUM_WORDS else float(w.replace(',', '')) for w in _answer_tokens(s)
+            if w in _NUM_WORDS or re.fullmatch(_NUMBER, w)]
+
+def _answer_parts(s) -> frozenset:
+    return frozenset(p for p in map(normalize_answer, _LIST_SEP.split(str(s))) if p)
+
+def _choice(s: str, choices: list):
+    "Index of the option `s` names (a letter, optionally followed by that option's text, or the option's text), else None."
+    m = _LETTER.fullmatch(s.strip())
+    if m:
+        i = ord(m.group(1).lower()) - 97
+        ok = i < len(choices) and (not m.group(2) or normalize_answer(m.group(2)) == normalize_answer(choices[i]))
+        return i if ok else None
+    return next((i for i, c in enumerate(choices) if normalize_answer(c) == normalize_answer(s)), None)
+
+def answer_match(pred: str|None, # the model's final answer (see `extract_answer`)
+                 gold: str, # the reference answer
+                 choices: list|None=None # multiple-choice options, in letter order
+                ) -> bool:
+    "True when `pred` states the reference answer: same option, same single number, same set of names, or same text."
+    if pred is None or gold is None or not normalize_answer(pred): return False
+    pred, gold = str(pred), str(gold)
+    if choices:
+        g = _choice(gold, choices)
+        if g is not None: return _choice(pred, choices) == g
+    if (set(_answer_tokens(pred)) & (_HEDGES | _NEGATIONS)) - set(_answer_tokens(gold)): return False
+    gn = _numbers(gold)
+    if len(gn) == 1:
+        pn = _numbers(pred)
+        return len(pn) == 1 and pn[0] == gn[0]
+    gp, pp = _answer_parts(gold), _answer_parts(pred)
+    if len(gp) > 1 or len(pp) > 1: return gp == pp
+    return normalize_answer(pred) == normalize_answer(gold)
+
 
 # %% ../nbs/01_tools.ipynb #5309559d
 COORD_SPACES = ('abs', 'norm1000', 'norm1', 'resized')
@@ -341,6 +404,20 @@ def as_result(res, # what a tool returned: a `ToolResult`, a PIL image, a text o
     if isinstance(res, Image.Image): return ToolResult('image', res, box=box)
     if res is None: return ToolResult.error(f'{name} returned nothing')
     return ToolResult('text', text=str(res), box=box)
+
+# %% ../nbs/01_tools.ipynb #672bb513
+def execute_call(get, # name -> tool (raises `KeyError`, e.g. `UnknownToolError`, or returns None for an unknown name)
+                 images, # the sample's images
+                 call: ToolCall, # a parsed call (its `error` is reported as the result)
+                 **kw) -> ToolResult:
+    "The result of `call` exactly as the model will read it: the tool's answer, or an error; never raises."
+    if call.error: return ToolResult.error(call.error)
+    try: tool = get(call.name)
+    except KeyError as e: return ToolResult.error(e.args[0] if e.args else f'unknown tool {call.name!r}')
+    if tool is None: return ToolResult.error(_unknown(call.name, ()))
+    try: return as_result(tool.execute(images, call, **kw), call.name)
+    except Exception as e: return ToolResult.error(f'{call.name} failed: {type(e).__name__}: {e}')
+
 
 # %% ../nbs/01_tools.ipynb #d9adadfa
 def image_key(img) -> str|None:
@@ -694,11 +771,8 @@ def _load_entry_points(self, group: str='vlm_nb.tools') -> list:
     return found
 
 def _execute(self, images, call: ToolCall, **kw) -> ToolResult:
-    "Run `call` with the tool it names; never raises."
-    if call.error: return ToolResult.error(call.error)
-    if call.name not in self._tools: return ToolResult.error(_unknown(call.name, self.names))
-    try: return as_result(self._tools[call.name].execute(images, call, **kw), call.name)
-    except Exception as e: return ToolResult.error(f'{call.name} failed: {type(e).__name__}: {e}')
+    "Run `call` with the tool it names (see `execute_call`); never raises."
+    return execute_call(self.get, images, call, **kw)
 
 def _listing(self) -> list:
     "One dict per tool: name, description, source, JSON parameters."
