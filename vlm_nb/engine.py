@@ -18,10 +18,11 @@ from .tools import (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RE
 from .models import DecodeState, FamilyAdapter, load_model
 
 # %% auto #0
-__all__ = ['THINK_NUDGE', 'THINKING_SYSTEM_PROMPT', 'IMAGE_EXTS', 'GenConfig', 'sample_token', 'ForcedContinuation', 'TextChunk',
-           'ToolCallEvent', 'ToolResultEvent', 'Finish', 'Step', 'Trajectory', 'ToolEngine', 'BatchItem', 'BatchItems',
-           'batch_items', 'is_oom', 'run_with_oom_backoff', 'batch_infer', 'frame_indices', 'read_video',
-           'video_prompt', 'image_data_url', 'RemoteEngine', 'infer_main', 'bench_toolloop']
+__all__ = ['THINK_NUDGE', 'THINKING_SYSTEM_PROMPT', 'SCHEDULE_COLORS', 'IMAGE_EXTS', 'GenConfig', 'sample_token',
+           'ForcedContinuation', 'TextChunk', 'ToolCallEvent', 'ToolResultEvent', 'Finish', 'Step', 'Trajectory',
+           'ToolEngine', 'Request', 'is_oom', 'plot_schedule', 'BatchItem', 'BatchItems', 'batch_items',
+           'run_with_oom_backoff', 'batch_infer', 'frame_indices', 'read_video', 'video_prompt', 'image_data_url',
+           'RemoteEngine', 'infer_main', 'bench_toolloop', 'bench_rollouts']
 
 # %% ../nbs/06_engine.ipynb #546b5309
 THINK_NUDGE = "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n</think>\n\n"
@@ -308,10 +309,103 @@ class _Decoder:
     def flush(self)->str: return self.push(None, final=True) if self.ids else ''
 
 @patch
-def _extend(self:ToolEngine, state, new_ids, new_blocks, all_blocks, cfg):
-    "Continue the cache with `new_ids` (KV reuse), or re-prefill everything (cfg.reuse_cache False)."
-    if cfg.reuse_cache: return self.adapter.append(self.model, state, new_ids, new_blocks)
-    return self.adapter.prefill(self.model, state.ids + list(new_ids), list(all_blocks) + list(new_blocks))
+def result_tokens(self:ToolEngine, res:ToolResult, cfg:GenConfig)->tuple:
+    "(ids, image blocks) that put a tool result into the model's context: an image block, or the `<tool_response>` text."
+    if res.kind == 'image':
+        b = self.adapter.image_block(res.image, role=cfg.crop_role)
+        return list(b.token_ids), [b]
+    return self.adapter.tokenizer.encode(res.response(), add_special_tokens=False), []
+
+class _Row:
+    "One answer's tool loop, independent of how its forwards run: `step(logits)` returns the ids to append next, or None when done."
+    def __init__(self, engine, images:list, prompt:str, procs:list, cfg:GenConfig, ids:list, blocks:list, sys_:str|None):
+        self.engine, self.images, self.procs, self.cfg = engine, images, procs, cfg
+        for p in procs:
+            if hasattr(p, 'reset'): p.reset()
+        self.ids, self.blocks, self.all_blocks = list(ids), list(blocks), list(blocks)   # context so far (as in the cache)
+        self.traj = Trajectory(prompt, images, system=sys_, prompt_len=len(ids),
+                               meta={'family': engine.adapter.family, 'config': asdict(cfg),
+                                     'tools': engine.registry.names if engine.registry else []})
+        self.traj.timings = {'prefill_s': 0., 'decode_s': 0., 'tool_s': 0., 'append_s': 0.}
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.det = ToolCallDetector(engine.registry.names if engine.registry else None)
+        self.dec, self.seg_start, self.n_new, self.refused, self.finish = _Decoder(engine.adapter.tokenizer), 0, 0, 0, None
+        self.budget = cfg.thinking_budget if cfg.thinking and cfg.thinking_budget is not None else None
+        self.think_closed, self.think_count, self.events, self.next_pos = False, 0, [], 0
+
+    def _flush_text(self):
+        self.traj.add('text', self.det.text[self.seg_start:]); self.seg_start = len(self.det.text)
+
+    def _append(self, ids, blocks):
+        self.ids += ids; self.all_blocks += blocks
+        return ids, blocks
+
+    def _end(self, reason):
+        self.finish = reason
+        rest = self.dec.flush()
+        if rest: self.det.text += rest; self.events.append(TextChunk(rest))
+        self._flush_text()
+        self.traj.finish_reason, self.traj.n_new_tokens, self.traj.ids = reason, self.n_new, list(self.ids)
+        return None
+
+    def step(self, logits:torch.Tensor # [V] next-token logits after `self.ids`
+            )->tuple|None:
+        "Sample the next token and act on it: (ids, blocks) to append to the cache, or None when the answer is finished."
+        e, cfg, traj = self.engine, self.cfg, self.traj
+        tok = e.adapter.tokenizer
+        if self.n_new >= cfg.max_new_tokens: return self._end('length')
+        if self.budget is not None and not self.think_closed and self.think_count >= self.budget and not self.det.in_call:
+            self._flush_text(); self.think_closed = True
+            nudge = tok.encode(THINK_NUDGE, add_special_tokens=False)
+            traj.add('nudge', THINK_NUDGE, n_tokens=len(nudge)); self.events.append(TextChunk(THINK_NUDGE, 'nudge'))
+            return self._append(nudge, [])
+        for p in self.procs: logits = p(self.ids, logits)
+        tid = sample_token(logits, cfg, self.gen, self.ids if cfg.repetition_penalty != 1.0 else None)
+        self.n_new += 1
+        if not self.think_closed: self.think_count += 1
+        if tid in e.eos_ids: self.ids.append(tid); return self._end('eos')
+        piece = self.dec.push(tid)
+        if piece:
+            self.events.append(TextChunk(piece))
+            if '</think>' in self.det.text[-20:] + piece: self.think_closed = True
+        calls = self.det.feed(piece) if piece else []
+        if not e.registry: calls = []
+        if e.registry and tid == e.close_id and not calls:
+            end = len(self.det.text)
+            calls = [ToolCall('', raw=TOOL_CALL_CLOSE, start=end - len(TOOL_CALL_CLOSE), end=end,
+                              error='`</tool_call>` without an opening `<tool_call>`')]
+        if not calls: return self._append([tid], [])
+        new_ids, new_blocks = [tid], []
+        for call in calls:
+            traj.add('text', self.det.text[self.seg_start:call.start]); self.seg_start = call.end
+            traj.add('tool_call', call.raw, name=call.name, bbox=call.bbox, error=call.error)
+            if traj.n_tool_calls >= cfg.max_tool_calls:
+                self.refused += 1
+                if self.refused > 1: return self._end('max_tool_calls')
+                res = ToolResult.error(f'tool-call limit reached ({cfg.max_tool_calls} calls); answer with what you have')
+            else:
+                traj.n_tool_calls += 1
+                t = time.perf_counter(); res = e.registry.execute(self.images, call); traj.timings['tool_s'] += time.perf_counter() - t
+            self.events.append(ToolCallEvent(call, traj.n_tool_calls + self.refused))
+            r_ids, r_blocks = e.result_tokens(res, cfg)
+            new_ids += r_ids; new_blocks += r_blocks
+            traj.add('tool_result', res.response() or '', res.image, kind=res.kind, box=res.box, message=res.text, n_tokens=len(r_ids))
+            self.events.append(ToolResultEvent(call, res, traj.n_tool_calls + self.refused, len(r_ids)))
+        return self._append(new_ids, new_blocks)
+
+    def pop_events(self)->list:
+        ev, self.events = self.events, []
+        return ev
+
+@patch
+def _new_row(self:ToolEngine, images, prompt:str, logits_processors=None, cfg:GenConfig|None=None, encoded=None)->_Row:
+    "A `_Row` for one request: images loaded, prompt rendered and encoded (or `encoded` = (images, ids, blocks, system) reused)."
+    cfg = cfg or self.config
+    if encoded is None:
+        images = _load_images(images)
+        encoded = (images, *self.encode_prompt(images, prompt, cfg.thinking))
+    images, ids, blocks, sys_ = encoded
+    return _Row(self, images, prompt, self.logits_processors + list(logits_processors or []), cfg, ids, blocks, sys_)
 
 @patch
 def stream(self:ToolEngine, images, # PIL images or paths (one or a list); [] for text only
@@ -321,88 +415,272 @@ def stream(self:ToolEngine, images, # PIL images or paths (one or a list); [] fo
           )->Iterator:
     "Generate an answer, running tools as the model calls them; yields `TextChunk`/`ToolCallEvent`/`ToolResultEvent`, then `Finish`."
     cfg = replace(self.config, **overrides) if overrides else self.config
-    ad, tok, model = self.adapter, self.adapter.tokenizer, self.model
-    procs = self.logits_processors + list(logits_processors or [])
-    for p in procs:
-        if hasattr(p, 'reset'): p.reset()
-    t_start = time.perf_counter()
-    images = _load_images(images)
-    ids, blocks, sys_ = self.encode_prompt(images, prompt, cfg.thinking)
-    traj = Trajectory(prompt, images, system=sys_, prompt_len=len(ids),
-                      meta={'family': ad.family, 'config': asdict(cfg), 'tools': self.registry.names if self.registry else []})
-    tm = traj.timings = {'prefill_s': 0., 'decode_s': 0., 'tool_s': 0., 'append_s': 0.}
-    t = time.perf_counter(); logits, state = ad.prefill(model, ids, blocks); tm['prefill_s'] = time.perf_counter() - t
-    all_blocks, gen = list(blocks), torch.Generator().manual_seed(cfg.seed)
-    det = ToolCallDetector(self.registry.names if self.registry else None)
-    dec, seg_start, n_new, refused, finish = _Decoder(tok), 0, 0, 0, None
-    budget = cfg.thinking_budget if cfg.thinking and cfg.thinking_budget is not None else None
-    think_closed, think_count = False, 0
-
-    def flush_text():
-        nonlocal seg_start
-        traj.add('text', det.text[seg_start:]); seg_start = len(det.text)
-
-    while finish is None:
-        if n_new >= cfg.max_new_tokens: finish = 'length'; break
-        if budget is not None and not think_closed and think_count >= budget and not det.in_call:
-            flush_text(); think_closed = True
-            nudge = tok.encode(THINK_NUDGE, add_special_tokens=False)
-            traj.add('nudge', THINK_NUDGE, n_tokens=len(nudge)); yield TextChunk(THINK_NUDGE, 'nudge')
-            t = time.perf_counter(); logits, state = self._extend(state, nudge, [], all_blocks, cfg); tm['append_s'] += time.perf_counter() - t
-            continue
-        for p in procs: logits = p(state.ids, logits)
-        tid = sample_token(logits, cfg, gen, state.ids if cfg.repetition_penalty != 1.0 else None)
-        n_new += 1
-        if not think_closed: think_count += 1
-        if tid in self.eos_ids:
-            finish = 'eos'; state = DecodeState(state.cache, state.ids + [tid], state.next_pos); break
-        piece = dec.push(tid)
-        if piece:
-            yield TextChunk(piece)
-            if '</think>' in det.text[-20:] + piece: think_closed = True
-        calls = det.feed(piece) if piece else []
-        if not self.registry: calls = []
-        if self.registry and tid == self.close_id and not calls:
-            e = len(det.text)
-            calls = [ToolCall('', raw=TOOL_CALL_CLOSE, start=e - len(TOOL_CALL_CLOSE), end=e,
-                              error='`</tool_call>` without an opening `<tool_call>`')]
-        if not calls:
-            t = time.perf_counter(); logits, state = ad.append(model, state, [tid]); tm['decode_s'] += time.perf_counter() - t
-            continue
-        new_ids, new_blocks = [tid], []
-        for call in calls:
-            traj.add('text', det.text[seg_start:call.start]); seg_start = call.end
-            traj.add('tool_call', call.raw, name=call.name, bbox=call.bbox, error=call.error)
-            if traj.n_tool_calls >= cfg.max_tool_calls:
-                refused += 1
-                if refused > 1: finish = 'max_tool_calls'; break
-                res = ToolResult.error(f'tool-call limit reached ({cfg.max_tool_calls} calls); answer with what you have')
-            else:
-                traj.n_tool_calls += 1
-                t = time.perf_counter(); res = self.registry.execute(images, call); tm['tool_s'] += time.perf_counter() - t
-            yield ToolCallEvent(call, traj.n_tool_calls + refused)
-            if res.kind == 'image':
-                b = ad.image_block(res.image, role=cfg.crop_role); r_ids = list(b.token_ids); new_blocks.append(b)
-            else: r_ids = tok.encode(res.response(), add_special_tokens=False)
-            new_ids += r_ids
-            traj.add('tool_result', res.response() or '', res.image, kind=res.kind, box=res.box, message=res.text, n_tokens=len(r_ids))
-            yield ToolResultEvent(call, res, traj.n_tool_calls + refused, len(r_ids))
-        if finish: break
-        t = time.perf_counter(); logits, state = self._extend(state, new_ids, new_blocks, all_blocks, cfg)
+    ad, model, t_start = self.adapter, self.model, time.perf_counter()
+    row = self._new_row(images, prompt, logits_processors, cfg)
+    tm = row.traj.timings
+    t = time.perf_counter(); logits, state = ad.prefill(model, row.ids, row.blocks); tm['prefill_s'] = time.perf_counter() - t
+    while True:
+        seg = row.step(logits)
+        yield from row.pop_events()
+        if seg is None: break
+        new_ids, new_blocks = seg
+        t = time.perf_counter()
+        if len(new_ids) == 1 and not new_blocks:                      # a plain token: one decoding step
+            logits, state = ad.append(model, state, new_ids); tm['decode_s'] += time.perf_counter() - t; continue
+        if cfg.reuse_cache: logits, state = ad.append(model, state, new_ids, new_blocks)
+        else: logits, state = ad.prefill(model, row.ids, row.all_blocks)   # the slow reference: everything again
         tm['append_s'] += time.perf_counter() - t
-        all_blocks += new_blocks
-    rest = dec.flush()
-    if rest: det.text += rest; yield TextChunk(rest)
-    flush_text()
-    traj.finish_reason, traj.n_new_tokens, traj.ids = finish, n_new, list(state.ids)
     tm['total_s'] = time.perf_counter() - t_start
-    yield Finish(finish, traj)
+    yield Finish(row.finish, row.traj)
 
 @patch
 def run(self:ToolEngine, images, prompt:str, logits_processors=None, **overrides)->Trajectory:
     "Generate an answer with tools (see `stream`) and return its `Trajectory`."
     for ev in self.stream(images, prompt, logits_processors, **overrides):
         if isinstance(ev, Finish): return ev.trajectory
+
+# %% ../nbs/06_engine.ipynb #b7c1a002
+@dataclass
+class Request:
+    "One answer to generate in a batch: its images and prompt, plus what is particular to it."
+    images: object          # PIL images or paths (one or a list), or a callable returning them (called when the row starts)
+    prompt: str             # the user's question
+    logits_processors: list = field(default_factory=list)  # processors of this answer only (e.g. its own `ForcedContinuation`)
+    overrides: dict = field(default_factory=dict)          # `GenConfig` fields of this answer (seed, max_new_tokens, ...)
+    group: object = None    # requests with equal `group` (and prompt) share one prompt prefill; default: the same image objects
+
+def is_oom(e:BaseException)->bool:
+    "True for a (CUDA/MPS/CPU) out-of-memory error."
+    return isinstance(e, getattr(torch, 'OutOfMemoryError', MemoryError)) or isinstance(e, MemoryError) or \
+           'out of memory' in str(e).lower()
+
+def _share_key(req:Request, cfg:GenConfig):
+    "Requests with equal keys have the same prompt tokens and images, so one prefill serves them all (None: never shared)."
+    if req.group is not None: return ('group', req.group, req.prompt, cfg.thinking)
+    ims = req.images
+    if callable(ims): return None
+    ims = [] if ims is None else [ims] if isinstance(ims, (str, Path, Image.Image)) else ims
+    return ('images', tuple(id(i) if isinstance(i, Image.Image) else str(i) for i in ims), req.prompt, cfg.thinking)
+
+class _KVBatch:
+    "The rows of a batch in one transformers `DynamicCache` [B, heads, W, dim], each row right-aligned, with a [B, W] mask of its real columns."
+    def __init__(self, config): self.config, self.cache, self.mask = config, None, None
+    def __len__(self): return 0 if self.mask is None else self.mask.shape[0]
+    def kv(self, i:int)->list:
+        "Row `i`'s real columns as [(keys, values)] per layer, each [1, heads, n, dim]."
+        m = self.mask[i]
+        return [(l.keys[i:i+1, :, m], l.values[i:i+1, :, m]) for l in self.cache.layers]
+    def row_cache(self, i:int):
+        "Row `i` alone as a batch-1 `DynamicCache` (what the sequential engine would hold)."
+        from transformers import DynamicCache
+        return DynamicCache(self.kv(i), config=self.config)
+    def put(self, i:int, kv:list):
+        "Make row `i` hold `kv` (i == len(self) adds a row); the batch widens on the left when the row does not fit."
+        n = kv[0][0].shape[-2]
+        if self.cache is None:
+            from transformers import DynamicCache
+            self.cache = DynamicCache([(k.clone(), v.clone()) for k, v in kv], config=self.config)
+            self.mask = torch.ones(1, n, dtype=torch.bool, device=kv[0][0].device); return
+        B, W = self.mask.shape
+        if n > W:
+            for l in self.cache.layers:
+                z = l.keys.new_zeros(B, l.keys.shape[1], n - W, l.keys.shape[3])
+                l.keys, l.values = torch.cat([z, l.keys], -2), torch.cat([z, l.values], -2)
+            self.mask = torch.cat([self.mask.new_zeros(B, n - W), self.mask], 1); W = n
+        if i == B:
+            for l in self.cache.layers:
+                z = l.keys.new_zeros(1, *l.keys.shape[1:])
+                l.keys, l.values = torch.cat([l.keys, z]), torch.cat([l.values, z])
+            self.mask = torch.cat([self.mask, self.mask.new_zeros(1, W)])
+        for l, (k, v) in zip(self.cache.layers, kv): l.keys[i, :, W - n:] = k[0]; l.values[i, :, W - n:] = v[0]
+        self.mask[i] = False; self.mask[i, W - n:] = True
+    def keep(self, rows:list):
+        "Keep only `rows` (indices, in order)."
+        if not rows: self.cache = self.mask = None; return
+        if len(rows) == len(self): return
+        idx = torch.tensor(rows, device=self.mask.device)
+        for l in self.cache.layers: l.batch_select_indices(idx)
+        self.mask = self.mask[idx]
+    def trim(self):
+        "Drop leading columns that no row uses any more."
+        if self.mask is None: return
+        first = int(self.mask.any(0).int().argmax())
+        if first:
+            for l in self.cache.layers: l.keys, l.values = l.keys[:, :, first:], l.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+    def step(self, adapter, model, tokens:list, next_pos:list, live:list)->torch.Tensor:
+        "One forward for every row: row i feeds `tokens[i]` (a masked hole where `live[i]` is False); returns logits [B, V]."
+        am = torch.cat([self.mask, torch.tensor(live, dtype=torch.bool, device=self.mask.device)[:, None]], 1)
+        logits, self.cache = adapter.decode_batch(model, self.cache, tokens, next_pos, am)
+        self.mask = am
+        return logits
+
+def _batchable(model)->bool:
+    "True when the model's cache is plain full attention (one `DynamicLayer` per layer), which the batched loop re-lays out."
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    try: return all(type(l) is DynamicLayer for l in DynamicCache(config=model.config).layers)
+    except Exception: return False
+
+# %% ../nbs/06_engine.ipynb #b7c1a004
+def _as_request(r)->Request: return r if isinstance(r, Request) else Request(*r)
+
+@patch
+def _run_each(self:ToolEngine, reqs:list, base:GenConfig)->Iterator:
+    "The sequential fallback of `generate_batch`: one request after another through `run`."
+    for j, r in enumerate(reqs):
+        try:
+            ims = r.images() if callable(r.images) else r.images
+            yield j, self.run(ims, r.prompt, r.logits_processors, **{**asdict(base), **r.overrides})
+        except Exception as e:
+            if is_oom(e): raise
+            yield j, e
+
+@patch
+def generate_batch(self:ToolEngine, requests:list, # `Request`s, or (images, prompt) pairs
+                   max_batch:int=8, # rows decoded together; a finished row's slot goes to the next request
+                   schedule:list|None=None, # if given, receives one dict per row activity (see `plot_schedule`)
+                   **overrides # `GenConfig` fields for every request (a request's own `overrides` win)
+                  )->Iterator:
+    "Generate many answers together, one forward per step for all live rows; yields (index, `Trajectory` or the request's own error) as rows finish."
+    reqs = [_as_request(r) for r in requests]
+    base = replace(self.config, **overrides) if overrides else self.config
+    if not _batchable(self.model) or max_batch <= 1: yield from self._run_each(reqs, base); return
+    ad, model, pad = self.adapter, self.model, self.adapter.tokenizer.pad_token_id or 0
+    cfgs = [replace(base, **r.overrides) if r.overrides else base for r in reqs]
+    keys = [_share_key(r, c) for r, c in zip(reqs, cfgs)]
+    left = {}
+    for k in keys:
+        if k is not None: left[k] = left.get(k, 0) + 1
+    prefixes, kv, rows, queue, free = {}, _KVBatch(model.config), [], list(range(len(reqs))), list(range(max_batch))
+    t0 = time.perf_counter()
+    def now(): return time.perf_counter() - t0
+    def log(kind, row, a, b=None):
+        if schedule is not None: schedule.append({'kind': kind, 'lane': row.lane, 'request': row.index, 'start': a, 'end': now() if b is None else b})
+
+    def admit(j):
+        "Start request `j`: prefill its prompt (or copy the prefill its group already made) into a new row of the batch."
+        r, cfg, key, a = reqs[j], cfgs[j], keys[j], now()
+        try:
+            if key is not None and key in prefixes: enc, logits, pkv, pos = prefixes[key]; kind = 'fork'
+            else:
+                images = _load_images(r.images() if callable(r.images) else r.images)
+                enc = (images, *self.encode_prompt(images, r.prompt, cfg.thinking))
+                logits, st = ad.prefill(model, enc[1], enc[2]); kind = 'prefill'
+                pkv, pos = [(l.keys, l.values) for l in st.cache.layers], st.next_pos
+                if key is not None and left[key] > 1: prefixes[key] = (enc, logits, pkv, pos)
+        finally:
+            if key is not None:
+                left[key] -= 1
+                if not left[key]: prefixes.pop(key, None)
+        row = self._new_row(None, r.prompt, r.logits_processors, cfg, encoded=enc)
+        row.logits, row.next_pos, row.index, row.lane, row.error, row.t0 = logits.clone(), pos, j, free.pop(0), None, a
+        kv.put(len(kv), pkv)
+        row.traj.timings['prefill_s'] = now() - a; log(kind, row, a)
+        return row
+
+    while queue or rows:
+        while queue and len(rows) < max_batch:                       # refill free slots from the queue
+            j = queue.pop(0)
+            try: rows.append(admit(j))
+            except Exception as e:
+                if is_oom(e): raise
+                yield j, e
+        if not rows: continue
+        for row in rows:                                             # every row acts on its next-token logits
+            a = now()
+            if row.error is not None: row.seg = row.plain = None; continue      # its tool result could not be added
+            try: row.seg = row.step(row.logits)
+            except Exception as e:
+                if is_oom(e): raise
+                row.seg, row.error = None, e
+            row.events.clear()
+            row.plain = row.seg is not None and len(row.seg[0]) == 1 and not row.seg[1]
+            if row.seg is not None and not row.plain: log('tool', row, a)
+        done = [row for row in rows if row.seg is None]
+        if done:                                                     # finished rows leave; their slots free up
+            kv.keep([i for i, row in enumerate(rows) if row.seg is not None])
+            rows = [row for row in rows if row.seg is not None]
+            for row in done:
+                row.traj.timings['total_s'] = now() - row.t0
+                log('finished', row, now(), now()); free.append(row.lane); free.sort()
+                yield row.index, row.error if row.error is not None else row.traj
+        if any(row.plain for row in rows):                           # ONE forward: every decoding row's next token
+            a = now()
+            logits = kv.step(ad, model, [row.seg[0][0] if row.plain else pad for row in rows],
+                             [row.next_pos for row in rows], [row.plain for row in rows])
+            b = now()
+            for i, row in enumerate(rows):
+                if row.plain: row.logits, row.next_pos = logits[i], row.next_pos + 1; row.traj.timings['decode_s'] += b - a
+                log('decode' if row.plain else 'paused', row, a, b)
+        for i, row in enumerate(rows):                               # tool results (and nudges) go into their own row
+            if row.plain: continue
+            a, (ids, blocks) = now(), row.seg
+            try:
+                if row.cfg.reuse_cache: row.logits, st = ad.append(model, DecodeState(kv.row_cache(i), [], row.next_pos), ids, blocks)
+                else: row.logits, st = ad.prefill(model, row.ids, row.all_blocks)
+            except Exception as e:
+                if is_oom(e): raise
+                row.error = e; continue                               # reported (and the row dropped) at the next step
+            kv.put(i, [(l.keys, l.values) for l in st.cache.layers]); row.next_pos = st.next_pos
+            row.traj.timings['append_s'] += now() - a; log('result', row, a)
+        kv.trim()
+
+@patch
+def run_batch(self:ToolEngine, requests:list, # `Request`s or (images, prompt) pairs
+              max_batch:int|None=None, # rows decoded together (default: all of them)
+              **overrides)->list:
+    "Answer several requests together (`generate_batch`), results in request order; a request's own error becomes its result, OOM propagates."
+    out = [None]*len(requests)
+    for j, r in self.generate_batch(requests, max_batch or max(1, len(requests)), **overrides): out[j] = r
+    return out
+
+def _run_one_by_one(self, requests:list, max_batch=None, **overrides)->list:
+    "`run_batch` for engines without a batched loop (e.g. `RemoteEngine`): one request after another."
+    out = []
+    for r in map(_as_request, requests):
+        try:
+            ims = r.images() if callable(r.images) else r.images
+            out.append(self.run(ims, r.prompt, **{**overrides, **r.overrides}))
+        except Exception as e:
+            if is_oom(e): raise
+            out.append(e)
+    return out
+
+# %% ../nbs/06_engine.ipynb #b7c1a00a
+SCHEDULE_COLORS = {'prefill': '#495057', 'fork': '#adb5bd', 'decode': '#1971c2', 'tool': '#e8590c',
+                   'paused': '#ffc078', 'result': '#f08c00', 'finished': '#2b8a3e'}
+
+def _merge_spans(spans:list, gap:float)->list:
+    "(start, width) spans with gaps below `gap` merged."
+    out = []
+    for s, w in sorted(spans):
+        if out and s - (out[-1][0] + out[-1][1]) <= gap: out[-1] = (out[-1][0], s + w - out[-1][0])
+        else: out.append((s, w))
+    return out
+
+def plot_schedule(schedule:list, # the dicts `generate_batch(..., schedule=[])` filled
+                  title:str|None=None):
+    "Rows over time, one lane per batch slot: prompt prefill (or a fork of a shared one), decoding, tool calls, paused, the result's prefill, finish and refill."
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    lanes = sorted({e['lane'] for e in schedule})
+    end = max((e['end'] for e in schedule), default=1.)
+    fig = Figure(figsize=(9, 1.2 + 0.42*len(lanes)), layout='constrained'); ax = fig.subplots()
+    for kind, col in SCHEDULE_COLORS.items():
+        for lane in lanes:
+            ev = [e for e in schedule if e['kind'] == kind and e['lane'] == lane]
+            if kind == 'finished': ax.plot([e['end'] for e in ev], [lane]*len(ev), marker='|', ls='', color=col, ms=14, mew=3)
+            elif ev: ax.broken_barh(_merge_spans([(e['start'], max(e['end'] - e['start'], end/2000)) for e in ev],
+                                                 end/200 if kind == 'decode' else 0.), (lane - .35, .7), color=col)
+    for e in schedule:
+        if e['kind'] in ('prefill', 'fork'): ax.text(e['start'], e['lane'] - .4, f" #{e['request']}", fontsize=7, va='bottom')
+    ax.set_yticks(lanes, [f'slot {l}' for l in lanes]); ax.set_ylim(max(lanes) + .6, min(lanes) - .8)
+    ax.set_xlim(0, end*1.01); ax.set_xlabel('seconds since the batch started')
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in SCHEDULE_COLORS.items()], ncol=7, fontsize=7, loc='lower center',
+              bbox_to_anchor=(.5, 1.), frameon=False)
+    if title: ax.set_title(title, fontsize=9, pad=22)
+    return fig
 
 # %% ../nbs/06_engine.ipynb #20b7aaa8
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
@@ -438,11 +716,6 @@ def batch_items(source:str|Path, # a folder of images or a dataset file (see `vl
         out.append(BatchItem(str(s.id) if s.id is not None else f'item{i:05d}', [str(x) for x in s.images], q, root))
     return out
 
-def is_oom(e:BaseException)->bool:
-    "True for a (CUDA/MPS/CPU) out-of-memory error."
-    return isinstance(e, getattr(torch, 'OutOfMemoryError', MemoryError)) or isinstance(e, MemoryError) or \
-           'out of memory' in str(e).lower()
-
 def run_with_oom_backoff(items:list, fn, # fn(batch) -> list of results, one per item
                          batch_size:int=8, stats:dict|None=None)->Iterator:
     "Yield (item, result) in order; on OOM retry the batch with half the size, down to 1; an item that never fits yields its `MemoryError`."
@@ -459,18 +732,6 @@ def run_with_oom_backoff(items:list, fn, # fn(batch) -> list of results, one per
             yield batch[0], MemoryError(f'out of memory even alone: {e}'); i += 1; continue
         yield from zip(batch, res); i += len(batch)
     stats['batch_size'] = bs
-
-@patch
-def run_batch(self:ToolEngine, requests:list, # [(images, prompt)]
-              **overrides)->list:
-    "Answer several requests (item by item on CPU); a request's own error becomes its result, OOM propagates."
-    out = []
-    for images, prompt in requests:
-        try: out.append(self.run(images, prompt, **overrides))
-        except Exception as e:
-            if is_oom(e): raise
-            out.append(e)
-    return out
 
 # %% ../nbs/06_engine.ipynb #a81ee32a
 def _safe_name(s:str)->str: return re.sub(r'[^\w.-]+', '_', s).strip('._')[:150] or 'item'
@@ -494,19 +755,11 @@ def batch_infer(engine, # a `ToolEngine` or `RemoteEngine`
     bad = getattr(items, 'problems', [])
     stats = {'total': len(items), 'skipped_done': len(items) - len(todo), 'ok': 0, 'unreadable': 0, 'error': 0,
              'unreadable_records': len(bad), 'skipped_items': [{'where': w, 'reason': r} for w, r in bad]}
-    def fn(batch):
-        reqs, res = [], {}
-        for k, (it, n) in enumerate(batch):
-            try: reqs.append((k, [keyed_image(load_image(p, it.root), p) for p in it.images]))
-            except ImageLoadError as e: res[k] = e
-        got = engine.run_batch([(ims, batch[k][0].prompt) for k, ims in reqs], **overrides)
-        res.update({k: r for (k, _), r in zip(reqs, got)})
-        return [res[k] for k in range(len(batch))]
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc='infer', leave=False)
-    for (it, n), r in run_with_oom_backoff(todo, fn, batch_size, stats):
+    def write(it, n, r):
         rec = {'id': it.id, 'images': it.images, 'prompt': it.prompt}
         if isinstance(r, Trajectory):
             rec.update(status='ok', text=r.text, answer=r.answer, finish_reason=r.finish_reason,
@@ -516,6 +769,33 @@ def batch_infer(engine, # a `ToolEngine` or `RemoteEngine`
         stats[rec['status']] += 1
         atomic_write_json(out/f'{n}.json', rec)
         if bar: bar.update(1)
+    def images_of(it): return lambda: [keyed_image(load_image(p, it.root), p) for p in it.images]   # loaded when its row starts
+    if hasattr(engine, 'generate_batch'):           # a local engine: rows decode together and refill as they finish
+        bs, stats['oom_retries'] = max(1, batch_size), 0
+        while todo:
+            finished = set()
+            try:
+                for k, r in engine.generate_batch([Request(images_of(it), it.prompt) for it, _ in todo], max_batch=bs, **overrides):
+                    write(*todo[k], r); finished.add(k)
+                todo = []
+            except Exception as e:
+                if not is_oom(e): raise
+                stats['oom_retries'] += 1
+                if torch.cuda.is_available(): torch.cuda.empty_cache()
+                todo = [x for k, x in enumerate(todo) if k not in finished]
+                if bs == 1: write(*todo[0], MemoryError(f'out of memory even alone: {e}')); todo = todo[1:]
+                bs = max(1, bs // 2)
+        stats['batch_size'] = bs
+    else:                                           # anything with `run_batch` (a remote engine): batch by batch
+        def fn(batch):
+            reqs, res = [], {}
+            for k, (it, n) in enumerate(batch):
+                try: reqs.append((k, images_of(it)()))
+                except ImageLoadError as e: res[k] = e
+            got = engine.run_batch([(ims, batch[k][0].prompt) for k, ims in reqs], **overrides)
+            res.update({k: r for (k, _), r in zip(reqs, got)})
+            return [res[k] for k in range(len(batch))]
+        for (it, n), r in run_with_oom_backoff(todo, fn, batch_size, stats): write(it, n, r)
     if bar: bar.close()
     atomic_write_json(out/'summary.json', stats)
     return stats
@@ -617,7 +897,7 @@ class RemoteEngine:
         parts = [system_prompt(list(self.registry))] if self.registry else []
         if thinking: parts.append(THINKING_SYSTEM_PROMPT)
         return '\n\n'.join(parts) or None
-    run_batch = ToolEngine.run_batch
+    run_batch = _run_one_by_one
 
 # %% ../nbs/06_engine.ipynb #80e3bc97
 @patch
@@ -877,4 +1157,48 @@ def bench_toolloop(json:bool=True, # print one JSON line (else a readable summar
            'context_tokens': len(kv.ids), 'model': f'internvl3_5 tiny (LM {hidden}x{layers})', 'device': 'cpu',
            'torch_threads': torch.get_num_threads()}
     print(_json.dumps(res) if json else '\n'.join(f'{k:>16}: {v}' for k, v in res.items()))
+    return res
+
+# %% ../nbs/06_engine.ipynb #b7c1a00d
+def bench_rollouts(json:bool=True, # print one JSON line (else a readable summary)
+                   n:int=8, # trajectories
+                   max_new_tokens:int=64, # model-written tokens per trajectory
+                   family:str='internvl3_5', # tiny model family
+                   prompts:int=2, # distinct prompts (images + question); the trajectories share them in groups, as GRPO does
+                   repeats:int=1, # best of this many timings
+                   workdir:str|Path|None=None)->dict:
+    "Time `n` tool-using trajectories one after another vs together in `generate_batch`: tokens/s both ways and whether every token agrees."
+    import json as _json
+    from vlm_nb.models import make_tiny
+    work = Path(workdir or Path(tempfile.gettempdir())/'vlm_nb_bench')
+    ck = work/f'rollouts_tiny_{family}'
+    if not (ck/'config.json').exists(): make_tiny(family, ck)
+    model, ad = load_model(ck, **({'max_tiles': 1} if family == 'internvl3_5' else {'max_pixels': 224*224} if family != 'ovis2_5' else {}))
+    tok = ad.tokenizer
+    imgs = []
+    for k in range(prompts):
+        im = Image.new('RGB', (320 + 40*k, 240), (30 + 40*k, 90, 160)); im.paste((220, 40, 40), (40, 60, 120 + 10*k, 200)); imgs.append(im)
+    calls = ['<tool_call>Crop [40, 60, 120, 200]</tool_call>', '<tool_call>Identify [40, 60, 120, 200]</tool_call>']
+    def requests():                                   # calls at different steps: k filler words first
+        return [Request([imgs[k % prompts]], f'What is the red thing in picture {k % prompts}?',
+                        [ForcedContinuation(tok, 'Hm. ' * (k % 4) + calls[k % 2], 'free')], {'max_new_tokens': max_new_tokens})
+                for k in range(n)]
+    if any(len(r.logits_processors[0].ids) >= max_new_tokens for r in requests()):
+        raise ValueError(f'max_new_tokens={max_new_tokens} is too small for the scripted tool calls')
+    eng = ToolEngine(model, ad, 'crop,identify', config=GenConfig(greedy=True, max_tool_calls=2))
+    eng.run([imgs[0]], 'Warm up.', max_new_tokens=2)
+    def timed(f):
+        best, out = math.inf, None
+        for _ in range(repeats):
+            t = time.perf_counter(); out = f(); best = min(best, time.perf_counter() - t)
+        return best, out
+    t_seq, seq = timed(lambda: [eng.run(r.images, r.prompt, r.logits_processors, **r.overrides) for r in requests()])
+    t_bat, bat = timed(lambda: eng.run_batch(requests(), max_batch=n))
+    toks = sum(t.n_new_tokens for t in seq)
+    res = {'family': family, 'n': n, 'max_new_tokens': max_new_tokens,
+           'sequential_tokens_per_s': round(toks/t_seq, 1), 'batched_tokens_per_s': round(sum(t.n_new_tokens for t in bat)/t_bat, 1),
+           'speedup': round(t_seq/t_bat, 2), 'identical': [t.ids for t in seq] == [t.ids for t in bat],
+           'tool_calls': sum(t.n_tool_calls for t in bat), 'new_tokens': toks, 'sequential_s': round(t_seq, 3),
+           'batched_s': round(t_bat, 3), 'device': str(next(model.parameters()).device), 'torch_threads': torch.get_num_threads()}
+    print(_json.dumps(res) if json else '\n'.join(f'{k:>24}: {v}' for k, v in res.items()))
     return res

@@ -23,9 +23,9 @@ __all__ = ['REWARD_FUNCS', 'Rollout', 'simulate_rollout', 'GRPOTask', 'task_from
            'answer_text', 'reward_answer', 'reward_identity', 'reward_crop', 'reward_format', 'penalty_self_response',
            'penalty_empty_answer', 'penalty_turn_budget', 'RewardWeights', 'score_rollout', 'group_advantages',
            'token_logprobs', 'loss_weights', 'per_token_loss', 'policy_loss', 'GRPOConfig', 'load_grpo_config',
-           'TokenRecorder', 'jitter_box', 'scripted_prefix', 'rollout_from_trajectory', 'generate_group',
-           'prepare_policy', 'rollout_logprobs', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint',
-           'step_stats', 'train_grpo', 'train_grpo_main', 'demo_grpo']
+           'TokenRecorder', 'jitter_box', 'scripted_prefix', 'rollout_from_trajectory', 'generate_groups',
+           'generate_group', 'prepare_policy', 'rollout_logprobs', 'save_checkpoint', 'latest_checkpoint',
+           'load_checkpoint', 'step_stats', 'train_grpo', 'train_grpo_main', 'demo_grpo']
 
 # %% ../nbs/08_grpo.ipynb #43b4e8c3
 @dataclass(eq=False)
@@ -277,12 +277,14 @@ def token_logprobs(logits: torch.Tensor, # [B, L, V] logits (position t predicts
 
 def loss_weights(mask: torch.Tensor, # [B, T] 1 on trained tokens
                  loss_type: str='grpo', # 'grpo' | 'token' | 'dr_grpo'
-                 max_len: int|None=None # the completion budget, for 'dr_grpo'
+                 max_len: int|None=None, # the completion budget, for 'dr_grpo'
+                 n_rows: int|None=None, # rows of the whole batch when `mask` is one process's share (default: B)
+                 n_tokens: int|None=None, # trained tokens of the whole batch, for 'token' (default: `mask.sum()`)
                 ) -> torch.Tensor:
     "[B, T] weight of each token in the loss (zero where `mask` is 0)."
-    m = mask.float(); B = m.shape[0]
+    m = mask.float(); B = n_rows or m.shape[0]
     if loss_type == 'grpo': return m/(B*m.sum(1, keepdim=True).clamp(min=1))
-    if loss_type == 'token': return m/m.sum().clamp(min=1)
+    if loss_type == 'token': return m/(m.sum() if n_tokens is None else torch.tensor(float(n_tokens))).clamp(min=1)
     if loss_type == 'dr_grpo': return m/(B*(max_len or m.shape[1]))
     raise ValueError(f"loss_type must be 'grpo', 'token' or 'dr_grpo', not {loss_type!r}")
 
@@ -334,6 +336,7 @@ class GRPOConfig:
     num_iterations: int = 1          # optimizer passes over each rollout batch (>1: ratios and clipping become active)
     max_new_tokens: int = 256        # model-written tokens per completion (scripted prefix tokens come on top)
     max_turns: int = 4               # tool-call budget per completion
+    rollout_batch: int = 64          # rollouts decoded together by the engine's batched loop (all groups of a step, up to this)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -363,7 +366,7 @@ class GRPOConfig:
         for k, ok in opts.items():
             if getattr(self, k) not in ok: raise ValueError(f"{k} must be one of {', '.join(map(repr, ok))}, not {getattr(self, k)!r}")
         if self.num_generations < 2: raise ValueError('num_generations must be >= 2 (advantages are relative to the group)')
-        for k in ('steps', 'prompts_per_step', 'num_iterations', 'max_new_tokens', 'save_every'):
+        for k in ('steps', 'prompts_per_step', 'num_iterations', 'max_new_tokens', 'save_every', 'rollout_batch'):
             if getattr(self, k) < 1: raise ValueError(f'{k} must be >= 1')
         if self.beta < 0: raise ValueError('beta must be >= 0')
         return self
@@ -458,24 +461,42 @@ def rollout_from_trajectory(traj, # `vlm_nb.engine.Trajectory`
     return Rollout(segs, calls, traj.finish_reason or 'eos', max_turns, ids, roles, P, images, iroles,
                    {'n_new_tokens': traj.n_new_tokens})
 
-def generate_group(engine, # a `vlm_nb.engine.ToolEngine`
-                   task: GRPOTask, G: int, # completions to generate
-                   seeds: list, # one sampling seed per completion
-                   cfg: GRPOConfig, image_root=None) -> list:
-    "G rollouts of `task` from the engine, with tools executed and per-token provenance."
-    from vlm_nb.engine import ForcedContinuation
-    images, out = task.pil_images(image_root), []
+def _group_requests(engine, task: GRPOTask, G: int, seeds: list, cfg: GRPOConfig, image_root=None) -> tuple:
+    "(engine `Request`s, their `TokenRecorder`s) for G completions of `task`; the requests share the task's images, so one prefill serves the group."
+    from vlm_nb.engine import ForcedContinuation, Request
+    images, reqs, recs = task.pil_images(image_root), [], []
     for g in range(G):
         rec, procs, n_forced = TokenRecorder(), [], 0
         if cfg.scripted == 'call':
             pre = scripted_prefix(task, random.Random(seeds[g]), cfg.scripted_jitter, images[0].size if images else None)
             if pre:
                 procs.append(ForcedContinuation(engine.adapter.tokenizer, pre, then='free')); n_forced = len(procs[-1].ids)
-        traj = engine.run(images, task.question, logits_processors=[*procs, rec], seed=seeds[g],
-                          max_new_tokens=cfg.max_new_tokens + n_forced, max_tool_calls=cfg.max_turns, temperature=cfg.temperature,
-                          top_p=cfg.top_p, top_k=cfg.top_k, greedy=False)
-        out.append(rollout_from_trajectory(traj, rec.positions, cfg.max_turns))
-    return out
+        reqs.append(Request(images, task.question, [*procs, rec],
+                            dict(seed=seeds[g], max_new_tokens=cfg.max_new_tokens + n_forced, max_tool_calls=cfg.max_turns,
+                                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, greedy=False)))
+        recs.append(rec)
+    return reqs, recs
+
+def generate_groups(engine, # a `vlm_nb.engine.ToolEngine`
+                    tasks: list, G: int, # G completions of each task
+                    seeds: list, # per task, one sampling seed per completion
+                    cfg: GRPOConfig, image_root=None) -> list:
+    "G rollouts of each task (one list per task), all decoded together by the engine's batched loop, `cfg.rollout_batch` rows at a time."
+    reqs, recs = [], []
+    for task, s in zip(tasks, seeds):
+        q, r = _group_requests(engine, task, G, s, cfg, image_root); reqs += q; recs += r
+    trajs = engine.run_batch(reqs, max_batch=cfg.rollout_batch) if reqs else []
+    bad = next((t for t in trajs if isinstance(t, Exception)), None)
+    if bad is not None: raise bad
+    rolls = [rollout_from_trajectory(t, rec.positions, cfg.max_turns) for t, rec in zip(trajs, recs)]
+    return [rolls[k*G:(k + 1)*G] for k in range(len(tasks))]
+
+def generate_group(engine, # a `vlm_nb.engine.ToolEngine`
+                   task: GRPOTask, G: int, # completions to generate
+                   seeds: list, # one sampling seed per completion
+                   cfg: GRPOConfig, image_root=None) -> list:
+    "G rollouts of `task` from the engine (decoded together), with tools executed and per-token provenance."
+    return generate_groups(engine, [task], G, [seeds], cfg, image_root)[0]
 
 # %% ../nbs/08_grpo.ipynb #db532b5f
 def prepare_policy(cfg: GRPOConfig, model=None, adapter=None) -> tuple:
@@ -586,6 +607,46 @@ def step_stats(rollouts: list, scores: list, valid: list) -> dict:
     d['masked'] = int(len(valid) - sum(valid))
     return d
 
+# %% ../nbs/08_grpo.ipynb #c8d2e004
+def _dist() -> tuple:
+    "(rank, world size) of this process; joins the torchrun process group (gloo) when `WORLD_SIZE` > 1."
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world <= 1: return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized(): dist.init_process_group(os.environ.get('VLM_NB_DIST_BACKEND', 'gloo'))
+    return dist.get_rank(), dist.get_world_size()
+
+def _barrier(world: int):
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+def _all_sum(x: float, world: int) -> float:
+    "`x` summed over the processes."
+    if world == 1: return x
+    import torch.distributed as dist
+    t = torch.tensor([float(x)], dtype=torch.float64); dist.all_reduce(t); return float(t.item())
+
+def _all_gather(obj, world: int) -> list:
+    "Every process's `obj`, in rank order."
+    if world == 1: return [obj]
+    import torch.distributed as dist
+    out = [None]*world; dist.all_gather_object(out, obj); return out
+
+def _reduce_grads(params: list, world: int):
+    "Sum the gradients over the processes; a parameter no process has a gradient for keeps `grad=None` (as in one process)."
+    if world == 1: return
+    import torch.distributed as dist
+    has = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64); dist.all_reduce(has)
+    for p, h in zip(params, has.tolist()):
+        if not h: continue
+        if p.grad is None: p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+def _light(r: Rollout) -> Rollout:
+    "A copy of `r` for the step statistics of another process (no images or ids)."
+    return Rollout(r.segments, r.calls, r.finish, r.max_turns, None, r.roles, r.prompt_len, meta=r.meta)
+
 # %% ../nbs/08_grpo.ipynb #57e394f9
 def _load_data(cfg: GRPOConfig) -> tuple:
     "(tasks, gallery, image_root) for `cfg.data`."
@@ -626,12 +687,13 @@ def train_grpo(cfg: GRPOConfig, # the run
                tasks: list|None=None, # tasks (default: from `cfg.data`)
                model=None, adapter=None, # a loaded policy (default: from `cfg.model`)
                registry: ToolRegistry|None=None, # tools (default: Crop + Identify with the data's gallery)
-               rollout_fn: Callable|None=None, # (task, G, seeds) -> [Rollout]; default: the local `ToolEngine`
+               rollout_fn: Callable|None=None, # (task, G, seeds) -> [Rollout]; default: the local `ToolEngine`, all groups of a step batched
                on_step: Callable|None=None, # called as on_step(step, log_record) after each step
               ) -> dict:
-    "Run GRPO with tools executed inside the rollouts; returns a summary dict (see the demo)."
+    "Run GRPO with tools executed inside the rollouts (in one process, or in each of `torchrun`'s); returns a summary dict."
     from vlm_nb.engine import ToolEngine
     cfg.check(); t0 = time.time()
+    rank, world = _dist()
     out = Path(cfg.output_dir); out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed); np.random.seed(cfg.seed); torch.manual_seed(cfg.seed)
     gal, root = None, None
@@ -641,7 +703,9 @@ def train_grpo(cfg: GRPOConfig, # the run
         from vlm_nb.builtin_tools.crop_tool import CropTool
         from vlm_nb.builtin_tools.identify_tool import IdentifyTool
         registry = ToolRegistry([CropTool(), IdentifyTool(gal)])
+    if rank: _barrier(world)                                   # rank 0 writes a tiny base model first
     model, adapter, base = prepare_policy(cfg, model, adapter)
+    if not rank: _barrier(world)
     inner = _unwrap(model)
     params = list(_trainable(model).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -650,34 +714,33 @@ def train_grpo(cfg: GRPOConfig, # the run
     ck = latest_checkpoint(out) if cfg.resume else None
     if ck is not None:
         start = resumed = load_checkpoint(ck, model, opt)
-        atomic_write_text(log_path, ''.join(json.dumps(r) + '\n' for r in _read_log(log_path) if r['step'] <= start))
-    elif log_path.exists(): log_path.unlink()
+        if not rank: atomic_write_text(log_path, ''.join(json.dumps(r) + '\n' for r in _read_log(log_path) if r['step'] <= start))
+    elif log_path.exists() and not rank: log_path.unlink()
     engine = ToolEngine(inner, adapter, tools=registry)
-    if rollout_fn is None:
-        rollout_fn = lambda task, G, seeds: generate_group(engine, task, G, seeds, cfg, root)
     G, W = cfg.num_generations, cfg.rewards
     it = range(start, cfg.steps)
-    if cfg.progress:
+    if cfg.progress and not rank:
         from tqdm.auto import tqdm
         it = tqdm(it, total=cfg.steps, initial=start, desc='grpo')
     for step in it:
         ts = time.time()
         idx = _task_order(len(tasks), step, cfg.prompts_per_step, cfg.seed)
+        mine = [i for i in range(len(idx)) if i % world == rank]      # this process's groups (whole groups: advantages stay per group)
+        seeds = [[_rollout_seed(cfg.seed, step, i, g) for g in range(G)] for i in mine]
         inner.eval()
-        rollouts, scores = [], []
         with torch.no_grad():
-            for i, ti in enumerate(idx):
-                rs = rollout_fn(tasks[ti], G, [_rollout_seed(cfg.seed, step, i, g) for g in range(G)])
-                rollouts += rs; scores += [score_rollout(r, tasks[ti], W) for r in rs]
+            if rollout_fn is None: groups = generate_groups(engine, [tasks[idx[i]] for i in mine], G, seeds, cfg, root)
+            else: groups = [rollout_fn(tasks[idx[i]], G, s) for i, s in zip(mine, seeds)]
+        rollouts = [r for g in groups for r in g]
+        scores = [score_rollout(r, tasks[idx[i]], W) for i, g in zip(mine, groups) for r in g]
         valid = [not (cfg.over_budget == 'mask' and r.over_budget) for r in rollouts]
-        adv = group_advantages([s['total'] for s in scores], G, valid, cfg.scale_rewards).view(-1)
+        adv = group_advantages([s['total'] for s in scores], G, valid, cfg.scale_rewards).view(-1) if rollouts else torch.zeros(0)
         t_gen = time.time() - ts
-        # exact batch weights from the masks (known before any forward)
+        # exact batch weights from the masks (known before any forward), normalised over every process's rollouts
         masks = [torch.as_tensor(r.roles[r.prompt_len:] == TRAINED) & bool(v) for r, v in zip(rollouts, valid)]
-        T = max(len(m) for m in masks)
-        M = torch.zeros(len(masks), T, dtype=torch.bool)
+        M = torch.zeros(len(masks), max((len(m) for m in masks), default=0), dtype=torch.bool)
         for j, m in enumerate(masks): M[j, :len(m)] = m
-        Wt = loss_weights(M, cfg.loss_type, cfg.max_new_tokens)
+        Wt = loss_weights(M, cfg.loss_type, cfg.max_new_tokens, n_rows=_all_sum(len(masks), world), n_tokens=_all_sum(int(M.sum()), world))
         model.train(); old = {}
         losses, clips, kls = [], [], []
         for itn in range(cfg.num_iterations):
@@ -697,17 +760,24 @@ def train_grpo(cfg: GRPOConfig, # the run
                 l = (w*ptl).sum(); l.backward(); total += float(l.detach())
                 mj = M[j:j+1, :logp.shape[1]]
                 clips.append(float((clipped & mj).sum())/max(int(mj.sum()), 1)); kls.append(float((kl*mj).sum())/max(int(mj.sum()), 1))
+            _reduce_grads(params, world)                               # the gradient of the whole batch, on every process
             gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm else 0.
-            opt.step(); opt.zero_grad(set_to_none=True); losses.append(total)
+            opt.step(); opt.zero_grad(set_to_none=True); losses.append(_all_sum(total, world))
         inner.eval()
+        if world > 1:                                                  # statistics over every process's rollouts
+            parts = _all_gather(([_light(r) for r in rollouts], scores, valid, clips, kls), world)
+            rollouts, scores, valid, clips, kls = ([x for p in parts for x in p[k]] for k in range(5))
         rec = {'step': step + 1, 'loss': losses[-1], 'grad_norm': gn, **step_stats(rollouts, scores, valid),
                'clip_frac': float(np.mean(clips)) if clips else 0., 'kl': float(np.mean(kls)) if kls else 0.,
                'tasks': [tasks[i].id for i in idx], 'gen_s': round(t_gen, 3), 'step_s': round(time.time() - ts, 3)}
-        _append_log(log_path, rec)
+        if world > 1: rec['world_size'] = world
+        if not rank: _append_log(log_path, rec)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(out, step + 1, model, opt, cfg, cfg.save_total_limit)
+            if not rank: save_checkpoint(out, step + 1, model, opt, cfg, cfg.save_total_limit)
+            _barrier(world)
         if on_step is not None: on_step(step + 1, rec)
-    _save_final(model, adapter, base, out/'final')
+    if not rank: _save_final(model, adapter, base, out/'final')
+    _barrier(world)
     log = _read_log(log_path)
     return {'steps': len(log), 'tool_calls_executed': sum(r['tool_calls_executed'] for r in log),
             'tool_failures': sum(r['tool_failures'] for r in log),
@@ -716,7 +786,7 @@ def train_grpo(cfg: GRPOConfig, # the run
             'grad_norm_last': log[-1]['grad_norm'] if log else None,
             'rollouts': len(log)*cfg.prompts_per_step*G, 'resumed_from': resumed, 'mode': cfg.mode,
             'family': adapter.family, 'output_dir': str(out), 'log': str(log_path), 'final': str(out/'final'),
-            'seconds': round(time.time() - t0, 2)}
+            'world_size': world, 'rank': rank, 'seconds': round(time.time() - t0, 2)}
 
 # %% ../nbs/08_grpo.ipynb #85b2ddc5
 def train_grpo_main(argv: list|None=None # command-line arguments after `vlm-nb train grpo`
@@ -741,6 +811,8 @@ def train_grpo_main(argv: list|None=None # command-line arguments after `vlm-nb 
         print(f"error: {msg}", file=sys.stderr); return 1
     print(json.dumps(s) if a.json else '\n'.join(f'{k}: {v}' for k, v in s.items()))
     return 0
+
+if __name__ == '__main__' and sys.argv and sys.argv[0].endswith('grpo.py'): sys.exit(train_grpo_main())
 
 # %% ../nbs/08_grpo.ipynb #1928d2c7
 def demo_grpo(out_dir, # where the run writes (tiny model, checkpoints, log, final)

@@ -288,6 +288,27 @@ def generate(self:FamilyAdapter, model, input_ids:list, blocks=(), max_new_token
         logits, st = self.append(model, st, [t])
     return out
 
+# %% ../nbs/04_models.ipynb #a1c0de02
+@patch
+def decode_positions(self:FamilyAdapter, next_pos:list # each row's next rotary position
+                    )->torch.Tensor:
+    "Positions [B, 1] of one new token per row (1-D rotary families)."
+    return torch.tensor(next_pos, dtype=torch.long)[:, None]
+
+@patch
+def decode_batch(self:FamilyAdapter, model, cache, # a batched cache: [B, heads, W, dim] per layer
+                 tokens:list, # one new token id per row
+                 next_pos:list, # each row's next rotary position
+                 attention_mask:torch.Tensor, # [B, W + 1]: True on each row's real cache columns and its new token
+                )->tuple:
+    "One decoding step for B rows at once, each at its own position behind its own padding: (logits [B, V], grown cache)."
+    dev = next(model.parameters()).device
+    kw = {_cache_kw(model): cache, 'position_ids': self.decode_positions(next_pos).to(dev)}
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens, device=dev)[:, None], attention_mask=attention_mask.to(dev).long(),
+                    use_cache=True, logits_to_keep=1, **kw)
+    return out.logits[:, -1].float(), getattr(out, 'past_key_values', None) or getattr(out, 'cache', None) or cache
+
 # %% ../nbs/04_models.ipynb #b3a897df
 def internvl_grid(size:tuple, # original (w, h)
                   min_num:int=1, max_num:int=12, image_size:int=448)->tuple:
@@ -405,6 +426,12 @@ def position_ids(self:QwenVLAdapter, input_ids, blocks_or_pixels=None, attention
     px = blocks_or_pixels or {}
     if isinstance(px, (list, tuple)): px = self.collate_pixels(list(px))
     return mrope_positions(input_ids, self.image_token_id, px.get('image_grid_thw'), attention_mask, start)
+
+# %% ../nbs/04_models.ipynb #a1c0de03
+@patch
+def decode_positions(self:QwenVLAdapter, next_pos:list)->torch.Tensor:
+    "3-D positions [3, B, 1] of one new text token per row: `next_pos` on all three axes."
+    return torch.tensor(next_pos, dtype=torch.long)[None, :, None].expand(3, -1, -1)
 
 # %% ../nbs/04_models.ipynb #5945777e
 _MODEL_TYPES = {'internvl': 'internvl3_5', 'qwen2_5_vl': 'qwen2_5_vl', 'qwen3_vl': 'qwen3_vl', 'ovis2_5': 'ovis2_5'}
