@@ -153,3 +153,28 @@ def test_batched_tool_loop_equals_sequential(work, family):
     assert [s.data['kind'] for s in together[2].results] == ['text', 'image']
     assert {e['kind'] for e in sched} >= {'prefill', 'fork', 'decode', 'tool', 'paused', 'result', 'finished'}
     assert max(e['lane'] for e in sched) == 3 and sum(e['kind'] == 'finished' for e in sched) == 6
+
+@pytest.mark.parametrize('family', ['qwen2_5_vl', 'qwen3_vl'])
+def test_qwen_kv_continuation_equals_reprefill(work, family):
+    "After a tool image is appended to the KV cache (mRoPE positions continued), every later step's logits equal a full re-prefill's."
+    import torch
+    from vlm_nb.models import make_tiny, load_model
+    from vlm_nb.engine import ToolEngine, GenConfig, ForcedContinuation
+    model, ad = load_model(make_tiny(family, work/family))
+    eng = ToolEngine(model, ad, tools='crop,identify', config=GenConfig(greedy=True))
+    photo = Image.new('RGB', (224, 168), (30, 90, 160)); photo.paste((220, 40, 40), (40, 60, 120, 140))
+    script = ad.tokenizer.encode("Let me look. <tool_call>Crop [40, 60, 120, 140]</tool_call>", add_special_tokens=False)
+
+    def run(reuse):
+        seen = []
+        def record(ctx, logits): seen.append((len(ctx), logits.detach().float().clone())); return logits
+        tr = eng.run([photo], 'What is red?', [record, ForcedContinuation(ad.tokenizer, script, 'free')],
+                     max_new_tokens=len(script) + 24, max_tool_calls=1, reuse_cache=reuse)
+        return tr, seen
+    (a, la), (b, lb) = run(True), run(False)
+    assert [r.data['kind'] for r in a.results] == ['image'] and a.n_new_tokens > len(script) + 8   # free tokens after the crop
+    assert a.ids == b.ids and [n for n, _ in la] == [n for n, _ in lb]
+    close = a.ids.index(ad.tid('</tool_call>'), a.prompt_len)
+    assert sum(n > close + 1 for n, _ in la) >= 8                                  # steps sampled after the appended image
+    worst = max(float((x - y).abs().max()) for (_, x), (_, y) in zip(la, lb))
+    assert worst < 1e-4, worst

@@ -8,7 +8,7 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from vlm_nb.grpo import (GRPOConfig, GRPOTask, Rollout, RewardWeights, simulate_rollout, score_rollout, synthetic_tasks,
                          group_advantages, token_logprobs, policy_loss, loss_weights, prepare_policy, generate_group,
                          train_grpo, train_grpo_main, load_grpo_config, _unwrap)
-from vlm_nb.sequences import PROMPT, TRAINED, TOOL_RESPONSE, IMAGE
+from vlm_nb.sequences import PROMPT, TRAINED, TOOL_RESPONSE, IMAGE, CONTEXT
 from vlm_nb.tools import ToolRegistry
 from vlm_nb.builtin_tools.crop_tool import CropTool
 from vlm_nb.builtin_tools.identify_tool import IdentifyTool
@@ -137,7 +137,8 @@ def test_masked_tokens_get_zero_gradient(tiny, data, kind):
     loss.backward()
     g = logits.grad[0, :-1].abs().sum(-1)
     nxt = torch.as_tensor(r.roles[1:])
-    for role in (PROMPT, injected):
+    assert (r.roles == CONTEXT).sum() == r.meta['n_forced'] > 0       # the scripted prefix: forced, not sampled
+    for role in (PROMPT, injected, CONTEXT):
         sel = nxt == role
         assert sel.any() and g[sel].max().item() == 0.0, role
     assert (g[nxt == TRAINED] > 0).all()
@@ -172,9 +173,13 @@ def test_variants_full_mode_kl_and_masking(tiny, tmp_path):
     s = train_grpo(GRPOConfig(output_dir=str(tmp_path/'full'), model=tiny, steps=1, mode='full', beta=0.04, loss_type='token',
                               num_iterations=2, over_budget='mask', max_turns=1, **FAST))
     rec = _log(s['log'])[0]
-    assert s['steps'] == 1 and math.isfinite(rec['loss']) and rec['kl'] >= 0
-    s2 = train_grpo(GRPOConfig(output_dir=str(tmp_path/'lora'), model=tiny, steps=1, beta=0.04, loss_type='dr_grpo', **FAST))
-    assert math.isfinite(_log(s2['log'])[0]['loss'])
+    assert s['steps'] == 1 and math.isfinite(rec['loss'])
+    # LoRA with a KL term: the reference is the base model (adapter disabled), so the KL is exactly 0 before the first
+    # update and positive once the adapter has moved (it would stay 0 if the reference were the policy itself)
+    s2 = train_grpo(GRPOConfig(output_dir=str(tmp_path/'lora'), model=tiny, steps=2, beta=0.04, loss_type='dr_grpo', **FAST))
+    l2 = _log(s2['log'])
+    assert all(math.isfinite(r['loss']) for r in l2) and l2[0]['grad_norm'] > 0
+    assert l2[0]['kl'] < 1e-7 and l2[1]['kl'] > 1e-6, [r['kl'] for r in l2]
 
 
 def test_cli(tiny, tmp_path):

@@ -1,5 +1,5 @@
 "Heavier checks of vlm_nb.sequences: every family, real samples, constructed cases, tiny-model forward passes, a property test."
-import os, tempfile
+import os, re, tempfile
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import numpy as np, pytest, torch
 from PIL import Image
@@ -19,13 +19,26 @@ def ad_for(fam):
 IMG = Image.new('RGB', (200, 160), (20, 120, 220))
 SYS = "You can use Crop and Identify tools."
 
-def expected_trained(s): return ''.join(body_text(split_assistant(t.text)) + '<|im_end|>' for t in s.assistant_turns)
+_MARKER_AFTER_CALL = re.compile(r'(</tool_call>[ \t\r\n]*)<image>')
+_RESPONSE = re.compile(r'<tool_response>.*?(?:</tool_response>|\Z)', re.S)
+
+def expected_trained(s):
+    "Oracle independent of the builder: each assistant body without its <tool_response> blocks and the <image> marker after a call."
+    return ''.join(_RESPONSE.sub('', _MARKER_AFTER_CALL.sub(r'\1', t.text)) + '<|im_end|>' for t in s.assistant_turns)
+
+_CROP = re.compile(r'<tool_call>Crop \[\s*-?[\d.]+\s*,\s*-?[\d.]+\s*,\s*-?[\d.]+\s*,\s*-?[\d.]+\s*\]</tool_call>(?!\s*<tool_response>)')
 
 def n_crops(s):
-    "Usable Crop calls without a response in the data (none can run when the sample has no image)."
-    if not s.images: return 0
-    return sum(1 for t in s.assistant_turns for p in split_assistant(t.text)
-               if p.kind == 'slot' and not p.answered and p.call.ok and p.call.name == 'Crop')
+    "Well-formed Crop calls without a response in the data (oracle by regex; none can run when the sample has no image)."
+    return sum(len(_CROP.findall(t.text)) for t in s.assistant_turns) if s.images else 0
+
+def assert_every_call_answered(q, ad):
+    "Right after each trained </tool_call> (past trained whitespace) comes a tool result: an image block or a <tool_response>."
+    ids, close = q.input_ids, ad.tid('</tool_call>')
+    for i in np.flatnonzero((ids == close) & (q.roles == TRAINED)):
+        j = i + 1
+        while j < len(q) and q.roles[j] == TRAINED and not ad.tokenizer.decode([int(ids[j])]).strip(): j += 1
+        assert j < len(q) and q.roles[j] in (IMAGE, TOOL_RESPONSE), (q.id, i, ad.tokenizer.decode(ids[max(0, i - 12):j + 1].tolist()))
 
 CASES = {
     'several_calls': ("<think>\nFirst <tool_call>Crop [0, 0, 50, 50]</tool_call><image>\nthen <tool_call>Crop [10, 10, 120, 90]</tool_call><image> and "
@@ -57,6 +70,7 @@ def test_constructed_cases(fam):
     for s, q in zip(samples, seqs):
         assert ''.join(q.trained_spans()) == expected_trained(s), s.id
         assert q.n_images == len(s.images) + n_crops(s)
+        assert_every_call_answered(q, ad)
         assert q.n_image_tokens == sum(len(blk.token_ids) for blk in q.blocks)
         lab = q.labels
         assert (lab[q.roles != TRAINED] == -100).all() and (lab[q.roles == TRAINED] >= 0).all()
@@ -95,7 +109,7 @@ def test_shared_samples(fam):
         for s, q in zip(ds.samples, b.build_many(ds.samples, align=True)):
             if q is None: continue
             assert ''.join(q.trained_spans()) == expected_trained(s), (f.name, q.id)
-            assert q.n_images == len(s.images) + n_crops(s), (f.name, q.id)
+            assert_every_call_answered(q, b.adapter)
     assert [r for _, r in b.report.skipped] == ['video samples are not supported by the sequence builder']
 
 def test_truncation_never_cuts_an_image():
@@ -134,35 +148,51 @@ _text = st.text(alphabet="abcxyz éß'\n.,:<>/_-", min_size=0, max_size=30)
 _name = st.text(alphabet="ABCabc 'éÅ李-", min_size=1, max_size=12).filter(lambda s: s.strip())
 _box = st.tuples(st.integers(0, 150), st.integers(0, 120), st.integers(10, 50), st.integers(10, 40)).map(
     lambda t: [t[0], t[1], t[0] + t[2], t[1] + t[3]])
+# each piece: (text as stored, the text that must be trained, crops it adds, responses it must end up with)
 _piece = st.one_of(
-    _text, st.just(' tool_response '),
-    st.builds(lambda b, m: f"<tool_call>Crop [{b[0]}, {b[1]}, {b[2]}, {b[3]}]</tool_call>" + m, _box, st.sampled_from(['', '<image>', '\n<image>'])),
-    st.builds(lambda b, ws, n: f"<tool_call>Identify [{b[0]:.1f},{b[1]:.1f},{b[2]:.1f},{b[3]:.1f}]</tool_call>{ws}<tool_response>{n}</tool_response>",
+    _text.map(lambda t: (t, t, 0, ())), st.just((' tool_response ', ' tool_response ', 0, ())),
+    st.builds(lambda b, m: (f"<tool_call>Crop [{b[0]}, {b[1]}, {b[2]}, {b[3]}]</tool_call>" + m,
+                            f"<tool_call>Crop [{b[0]}, {b[1]}, {b[2]}, {b[3]}]</tool_call>" + m.replace('<image>', ''), 1, ('crop',)),
+              _box, st.sampled_from(['', '<image>', '\n<image>'])),
+    st.builds(lambda b, ws, n: (f"<tool_call>Identify [{b[0]:.1f},{b[1]:.1f},{b[2]:.1f},{b[3]:.1f}]</tool_call>{ws}<tool_response>{n}</tool_response>",
+                                f"<tool_call>Identify [{b[0]:.1f},{b[1]:.1f},{b[2]:.1f},{b[3]:.1f}]</tool_call>{ws}", 0, (f"<tool_response>{n}</tool_response>",)),
               _box, st.sampled_from(['', ' ', '\n', '\n\n ']), _name))
-_body = st.lists(_piece, min_size=1, max_size=6).map(''.join).filter(lambda s: s.strip())
+_body = st.lists(_piece, min_size=1, max_size=6).map(lambda ps: tuple(''.join(p[i] for p in ps) if i < 2 else
+                                                                      (sum(p[2] for p in ps) if i == 2 else sum((p[3] for p in ps), ())) for i in range(4))
+                                                     ).filter(lambda b: b[0].strip())
 
 @st.composite
 def conversations(draw):
+    "(sample, expected trained text, expected crop images, expected tool responses) — expectations built with the sample."
     turns = [Turn('system', draw(_text) or 'S')] if draw(st.booleans()) else []
     n_img = draw(st.integers(0, 1))
+    trained, crops, resps = '', 0, ()
     for k in range(draw(st.integers(1, 3))):
         u = draw(_text) or 'q'
-        turns += [Turn('user', ('<image>\n' if (k == 0 and n_img) else '') + u), Turn('assistant', draw(_body))]
-    return Sample(turns, images=[IMG] * n_img, id='h')
+        body, tr, nc, rs = draw(_body)
+        turns += [Turn('user', ('<image>\n' if (k == 0 and n_img) else '') + u), Turn('assistant', body)]
+        trained += tr + '<|im_end|>'; crops += nc; resps += rs
+    # without an image a Crop cannot run: the engine answers with an error, and so does the training sequence
+    resps = tuple('<tool_response>Error: Crop needs an image' if r == 'crop' else r for r in resps if n_img == 0 or r != 'crop')
+    return Sample(turns, images=[IMG] * n_img, id='h'), trained, crops if n_img else 0, resps
 
-@pytest.mark.parametrize('fam', ['internvl3_5', 'qwen2_5_vl'])
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(s=conversations())
-def test_property_random_conversations(fam, s):
-    ad = ad_for(fam)
+def check_property(ad, case):
+    s, trained_text, crops, resps = case
     q = SequenceBuilder(ad, pixels=False).build(s)
     assert q is not None
     lab = q.labels
     trained = lab != -100
     assert (q.roles[trained] == TRAINED).all()                                  # labels only on assistant tokens
     assert not trained[q.roles == TOOL_RESPONSE].any() and not trained[q.roles == IMAGE].any()
-    assert ''.join(q.trained_spans()) == expected_trained(s)
+    assert ''.join(q.trained_spans()) == trained_text
     assert q.n_image_tokens == sum(len(b.token_ids) for b in q.blocks) == sum(e - a for a, e in q.block_spans)
-    assert q.n_images == len(s.images) + n_crops(s)
-    resp = [ad.tokenizer.decode(q.input_ids[a:e].tolist()) for a, e in q.runs(TOOL_RESPONSE)]
-    assert all(r.startswith('<tool_response>') and r.endswith('</tool_response>') for r in resp)
+    assert q.n_images == len(s.images) + crops
+    got = [ad.tokenizer.decode(q.input_ids[a:e].tolist()) for a, e in q.runs(TOOL_RESPONSE)]
+    assert len(got) == len(resps) and all(g.startswith(r) and g.endswith('</tool_response>') for g, r in zip(got, resps)), (got, resps)
+    assert_every_call_answered(q, ad)
+
+@pytest.mark.parametrize('fam', ['internvl3_5', 'qwen2_5_vl'])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conversations())
+def test_property_random_conversations(fam, case):
+    check_property(ad_for(fam), case)

@@ -15,17 +15,17 @@ from .data import Sample, iou, clamp_box, load_image, atomic_write_json, atomic_
 from .tools import (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE, ToolResult,
                           ToolRegistry, AnnotationGallery, parse_tool_calls, pair_responses, response_text,
                           keyed_image, load_gallery, extract_answer, answer_match, normalize_answer)
-from .sequences import PROMPT, TRAINED, TOOL_RESPONSE, IMAGE
+from .sequences import PROMPT, TRAINED, TOOL_RESPONSE, IMAGE, CONTEXT
 from .sft import LoraSettings, apply_overrides
 
 # %% auto #0
-__all__ = ['REWARD_FUNCS', 'Rollout', 'simulate_rollout', 'GRPOTask', 'task_from_record', 'synthetic_tasks', 'load_tasks',
-           'answer_text', 'reward_answer', 'reward_identity', 'reward_crop', 'reward_format', 'penalty_self_response',
-           'penalty_empty_answer', 'penalty_turn_budget', 'RewardWeights', 'score_rollout', 'group_advantages',
-           'token_logprobs', 'loss_weights', 'per_token_loss', 'policy_loss', 'GRPOConfig', 'load_grpo_config',
-           'TokenRecorder', 'jitter_box', 'scripted_prefix', 'rollout_from_trajectory', 'generate_groups',
-           'generate_group', 'prepare_policy', 'rollout_logprobs', 'save_checkpoint', 'latest_checkpoint',
-           'load_checkpoint', 'step_stats', 'train_grpo', 'train_grpo_main', 'demo_grpo']
+__all__ = ['CROP_CALL_COST', 'REWARD_FUNCS', 'Rollout', 'simulate_rollout', 'GRPOTask', 'task_from_record', 'synthetic_tasks',
+           'load_tasks', 'answer_text', 'reward_answer', 'reward_identity', 'reward_crop', 'reward_format',
+           'penalty_self_response', 'penalty_empty_answer', 'penalty_turn_budget', 'RewardWeights', 'score_rollout',
+           'group_advantages', 'token_logprobs', 'loss_weights', 'per_token_loss', 'policy_loss', 'GRPOConfig',
+           'load_grpo_config', 'TokenRecorder', 'jitter_box', 'scripted_prefix', 'rollout_from_trajectory',
+           'generate_groups', 'generate_group', 'prepare_policy', 'rollout_logprobs', 'save_checkpoint',
+           'latest_checkpoint', 'load_checkpoint', 'step_stats', 'train_grpo', 'train_grpo_main', 'demo_grpo']
 
 # %% ../nbs/08_grpo.ipynb #43b4e8c3
 @dataclass(eq=False)
@@ -193,11 +193,16 @@ def reward_identity(r: Rollout, task: GRPOTask) -> float:
     ans = f" {normalize_answer(answer_text(r) or '')} "
     return sum(normalize_answer(n) in got and f' {normalize_answer(n)} ' in ans for n in task.names) / len(task.names)
 
-def reward_crop(r: Rollout, task: GRPOTask) -> float:
-    "Best IoU of an executed Crop with a ground-truth box (tasks that need Crop; 0.0 otherwise)."
+CROP_CALL_COST = 0.1   # crop reward lost per Crop call beyond one per ground-truth box
+
+def reward_crop(r: Rollout, task: GRPOTask, call_cost: float|None=None) -> float:
+    "Mean best IoU of the attempted Crop calls (failed ones 0) minus `call_cost` per extra call (tasks that need Crop; else 0)."
     if 'Crop' not in task.needs or not task.boxes: return 0.
-    boxes = [c['box'] for c in r.calls if c['name'] == 'Crop' and c['result'] == 'image' and c['box']]
-    return max((iou(b, g) for b in boxes for g in task.boxes), default=0.)
+    crops = [c for c in r.calls if c['name'] == 'Crop']
+    if not crops: return 0.
+    ious = [max(iou(c['box'], g) for g in task.boxes) if c['result'] == 'image' and c['box'] else 0. for c in crops]
+    cost = CROP_CALL_COST if call_cost is None else call_cost
+    return sum(ious)/len(ious) - cost*max(0, len(crops) - len(task.boxes))
 
 _STRUCT_RE = re.compile(r'\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*(?:<\|im_end\|>)?\s*', re.S)
 
@@ -403,7 +408,7 @@ def load_grpo_config(path=None, # JSON or YAML file (None: defaults)
 # %% ../nbs/08_grpo.ipynb #e8f82c2b
 class TokenRecorder:
     "Logits processor that records the context length at each sampled token (= the token's position in the ids)."
-    def __init__(self): self.positions = []
+    def __init__(self, forced: int=0): self.positions, self.forced = [], forced   # forced: leading tokens that were scripted
     def reset(self): self.positions = []
     def __call__(self, context: list, logits: torch.Tensor) -> torch.Tensor:
         self.positions.append(len(context)); return logits
@@ -424,7 +429,9 @@ def scripted_prefix(task: GRPOTask, rng: random.Random, jitter: float=0.1, size=
 
 def rollout_from_trajectory(traj, # `vlm_nb.engine.Trajectory`
                             positions: list|None=None, # model-token positions from a `TokenRecorder`
-                            max_turns: int|None=None) -> Rollout:
+                            max_turns: int|None=None,
+                            forced: int=0 # the first `forced` recorded positions were forced (scripted), not sampled
+                           ) -> Rollout:
     "A `Rollout` (segments, calls, ids and per-token roles) from an engine trajectory."
     segs, calls, images, iroles, pending = [], [], list(traj.images), ['image']*len(traj.images), None
     injected = []                                   # (role, n_tokens) of each injection, in order
@@ -453,13 +460,14 @@ def rollout_from_trajectory(traj, # `vlm_nb.engine.Trajectory`
         model[pos] = True
         roles[P:] = TOOL_RESPONSE
         roles[model] = TRAINED
+        roles[pos[:forced]] = CONTEXT               # scripted tokens: in the context, not policy samples
         inj = [i for i in range(P, len(ids)) if not model[i]]
         k = 0
         for role, n in injected:                    # label injected runs in order: image blocks vs text results
             for i in inj[k:k + n]: roles[i] = role
             k += n
     return Rollout(segs, calls, traj.finish_reason or 'eos', max_turns, ids, roles, P, images, iroles,
-                   {'n_new_tokens': traj.n_new_tokens})
+                   {'n_new_tokens': traj.n_new_tokens, 'n_forced': min(forced, len(pos)) if positions is not None else 0})
 
 def _group_requests(engine, task: GRPOTask, G: int, seeds: list, cfg: GRPOConfig, image_root=None) -> tuple:
     "(engine `Request`s, their `TokenRecorder`s) for G completions of `task`; the requests share the task's images, so one prefill serves the group."
@@ -471,6 +479,7 @@ def _group_requests(engine, task: GRPOTask, G: int, seeds: list, cfg: GRPOConfig
             pre = scripted_prefix(task, random.Random(seeds[g]), cfg.scripted_jitter, images[0].size if images else None)
             if pre:
                 procs.append(ForcedContinuation(engine.adapter.tokenizer, pre, then='free')); n_forced = len(procs[-1].ids)
+        rec.forced = n_forced                       # the first n_forced tokens are scripted, not sampled
         reqs.append(Request(images, task.question, [*procs, rec],
                             dict(seed=seeds[g], max_new_tokens=cfg.max_new_tokens + n_forced, max_tool_calls=cfg.max_turns,
                                  temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, greedy=False)))
@@ -488,7 +497,7 @@ def generate_groups(engine, # a `vlm_nb.engine.ToolEngine`
     trajs = engine.run_batch(reqs, max_batch=cfg.rollout_batch) if reqs else []
     bad = next((t for t in trajs if isinstance(t, Exception)), None)
     if bad is not None: raise bad
-    rolls = [rollout_from_trajectory(t, rec.positions, cfg.max_turns) for t, rec in zip(trajs, recs)]
+    rolls = [rollout_from_trajectory(t, rec.positions, cfg.max_turns, forced=rec.forced) for t, rec in zip(trajs, recs)]
     return [rolls[k*G:(k + 1)*G] for k in range(len(tasks))]
 
 def generate_group(engine, # a `vlm_nb.engine.ToolEngine`

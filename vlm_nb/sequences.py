@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from fastcore.basics import patch
 from .data import Sample, Turn, read_dataset, load_image, ImageLoadError, shared_path, atomic_write_text
-from .tools import parse_tool_calls, get_tool
+from .tools import parse_tool_calls, get_tool, execute_call
 
 # %% auto #0
 __all__ = ['PROMPT', 'TRAINED', 'TOOL_RESPONSE', 'IMAGE', 'CONTEXT', 'PAD', 'ROLE_NAMES', 'IGNORE_INDEX', 'TOOL_RESPONSE_OPEN',
@@ -138,7 +138,8 @@ class SequenceConfig:
     missing: str = 'skip'       # missing image file: 'skip' (recorded) | 'placeholder' (grey, flagged) | 'error'
     image_root: str|None = None # root for relative image paths
     pixels: bool = True         # False: keep token ids only (no pixel tensors)
-    tool_images: bool = True    # inject image blocks of image-returning tool calls
+    tool_images: bool = True    # execute tool calls and inject their results (False: calls stay bare; token statistics only)
+    unanswered: str = 'insert'  # a call whose result is not in the data: 'insert' what the engine would return | 'skip' the sample
 
 @dataclass
 class BuildReport:
@@ -221,6 +222,7 @@ class SequenceBuilder:
         if kw: self.cfg = SequenceConfig(**{**asdict(self.cfg), **kw})
         if self.cfg.overflow not in ('trim', 'skip'): raise ValueError(f"overflow must be 'trim' or 'skip', not {self.cfg.overflow!r}")
         if self.cfg.train_turns not in ('all', 'last'): raise ValueError(f"train_turns must be 'all' or 'last', not {self.cfg.train_turns!r}")
+        if self.cfg.unanswered not in ('insert', 'skip'): raise ValueError(f"unanswered must be 'insert' or 'skip', not {self.cfg.unanswered!r}")
         p, g = _tools_api()
         self.parse, self.get_tool = parse or p, get_tool or g
         self._cache_tools, self._cache_images = block_cache is not None or not self.cfg.pixels, block_cache is not None
@@ -259,22 +261,21 @@ def _block(self:SequenceBuilder, image, role:str, key=None):
     return b
 
 @patch
-def _tool_block(self:SequenceBuilder, call, images:list, image_keys:tuple, notes:list):
-    "Execute `call` on `images`; the image block of an image result, else None (text results are in the data already)."
-    if getattr(call, 'error', None): notes.append(f"tool call {call.raw!r} not executed: {call.error}"); return None
+def _tool_part(self:SequenceBuilder, call, images:list, image_keys:tuple, notes:list):
+    "What follows `call` when the data holds no result: ('b', image block) or ('t', the `<tool_response>` the engine would append)."
     key = ('tool', image_keys, call.raw)
-    if key in self.block_cache: return self.block_cache[key][1]
-    try: tool = self.get_tool(call.name)
-    except KeyError: tool = None    # unknown tool: the call stays plain trained text
-    if tool is None: notes.append(f"tool call {call.raw!r}: no tool named {call.name!r}"); return None
-    try: res = tool.execute(images, call)
-    except Exception as e: notes.append(f"tool call {call.raw!r} failed: {type(e).__name__}: {e}"); return None
-    kind = getattr(res, 'kind', None)
-    if kind == 'error': notes.append(f"tool call {call.raw!r}: {getattr(res, 'text', '')}")
-    if kind != 'image' or getattr(res, 'image', None) is None: return None
-    b = self._block(res.image, 'crop')
-    if self._cache_tools: self.block_cache[key] = (None, b)
-    return b
+    if key in self.block_cache: return 'b', self.block_cache[key][1]
+    res = execute_call(self.get_tool, images, call)          # the engine's own path from a call to its result
+    if res.kind == 'image' and res.image is not None:
+        b = self._block(res.image, 'crop')
+        if self._cache_tools: self.block_cache[key] = (None, b)
+        return 'b', b
+    text = res.response()
+    if self.cfg.unanswered == 'skip':
+        raise SkipSample(f"tool call {call.raw!r} has no result in the data (the engine would answer {text!r}); "
+                         "add the <tool_response> to the data, or build with unanswered='insert'")
+    notes.append(f"tool call {call.raw!r}: inserted {text!r}")
+    return 't', text
 
 # %% ../nbs/05_sequences.ipynb #a78ba8b8
 @patch
@@ -341,8 +342,9 @@ def _plan(self:SequenceBuilder, s:Sample):
             if p.kind == 'text': segs.append(('t', role, p.text))
             elif p.kind == 'tool_response': segs.append(('t', TOOL_RESPONSE, p.text))
             elif self.cfg.tool_images and not p.answered:
-                b = self._tool_block(p.call, imgs[:seen], tuple(keys[:seen]), notes)
-                if b is not None: segs.append(('b', IMAGE, b)); sources.append('tool')
+                kind, part = self._tool_part(p.call, imgs[:seen], tuple(keys[:seen]), notes)
+                if kind == 'b': segs.append(('b', IMAGE, part)); sources.append('tool')
+                else: segs.append(('t', TOOL_RESPONSE, part))
         segs.append(('i', role, [self.eos_id]))
     if seen != len(imgs): raise SkipSample(f"{len(imgs) - seen} image(s) have no place in the rendered prompt")
     return segs, sources, ph, notes

@@ -82,7 +82,7 @@ def _coerce(raw:str, current, name:str):
         if low in ('0', 'false', 'no', 'off'): return False
         if low in ('auto', 'none', 'null'): return None if low != 'auto' else 'auto'
         raise ValueError(f"--{name}: expected true/false, got {raw!r}")
-    if low in ('none', 'null'): return None
+    if low == 'null' or (low == 'none' and not isinstance(current, str)): return None   # 'none' is an option of string fields
     if isinstance(current, int): return int(float(raw)) if re.fullmatch(r'-?\d+(\.0*)?(e\d+)?', low) else int(raw)
     if isinstance(current, float): return float(raw)
     if isinstance(current, list): return json.loads(raw) if raw.lstrip().startswith('[') else [s for s in raw.split(',') if s]
