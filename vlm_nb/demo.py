@@ -370,7 +370,8 @@ def train_demo_sft(cfg:DemoConfig, base, out, data:str='train.json', # training 
     sc = SFTConfig(model=str(base), train_data=str(d/data), output_dir=str(Path(out)/folder), adapter=demo_adapter_opts(cfg),
                    max_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_ratio=0.05, weight_decay=0.0,
                    logging_steps=10 if timed else max(1, steps//50), save_steps=10**9 if timed else max(1, steps//4),
-                   save_total_limit=1, seed=cfg.seed, progress=not cfg.quick, max_length=1024)
+                   save_total_limit=1, seed=cfg.seed, progress=not cfg.quick, max_length=1024,
+                   freeze=[])   # the tiny random vision tower learns too
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')

@@ -288,6 +288,31 @@ def generate(self:FamilyAdapter, model, input_ids:list, blocks=(), max_new_token
         logits, st = self.append(model, st, [t])
     return out
 
+# %% ../nbs/04_models.ipynb #ae4a86e9
+_ROLE_CAPS = {'crop': 'crop_max', 'frame': 'video_max'}
+
+@patch
+def image_budget(self:FamilyAdapter, role:str='image', # 'image' | 'crop' | 'frame'
+                 n_images:int=1, # images in the sample, tool crops included
+                )->int:
+    "Tiles (InternVL) or pixels (Qwen-VL, Ovis2.5) one image of `role` may use when `n_images` share the sample's budget."
+    if role not in ('image', 'crop', 'frame'): raise ValueError(f"image role must be 'image', 'crop' or 'frame', not {role!r}")
+    n = max(1, int(n_images))
+    if hasattr(self, 'max_tiles'):
+        cap = getattr(self, _ROLE_CAPS[role] + '_tiles') if role in _ROLE_CAPS else self.max_tiles
+        return max(1, min(cap, self.max_tiles // n))
+    cap = getattr(self, _ROLE_CAPS[role] + '_pixels') if role in _ROLE_CAPS else self.max_pixels
+    return max(self.min_pixels, min(cap, self.max_pixels // n))
+
+_IMAGE_OPTIONS = ('max_tiles', 'crop_max_tiles', 'video_max_tiles', 'use_thumbnail', 'min_pixels', 'max_pixels',
+                  'crop_max_pixels', 'video_max_pixels')
+
+@patch
+def image_options(self:FamilyAdapter)->dict:
+    "The image-budget settings of this adapter (what a checkpoint records so every consumer cuts images alike)."
+    return {k: getattr(self, k) for k in _IMAGE_OPTIONS if hasattr(self, k)}
+
+
 # %% ../nbs/04_models.ipynb #a1c0de02
 @patch
 def decode_positions(self:FamilyAdapter, next_pos:list # each row's next rotary position
@@ -338,16 +363,22 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class InternVLAdapter(FamilyAdapter):
     "InternVL3.5 (HF format): `<img>` + `<IMG_CONTEXT>`×256 per 448² tile + `</img>`, dynamic tiling with thumbnail."
     family = 'internvl3_5'
-    def __init__(self, tokenizer, max_tiles=12, crop_max_tiles=None, use_thumbnail=True, image_size=448, image_seq_length=256, **opts):
+    def __init__(self, tokenizer, max_tiles=12, # InternVL's max_dynamic_patch: the tiles of a sample, shared by its images
+                 crop_max_tiles=None, # cap for one tool crop (default max_tiles // 2)
+                 video_max_tiles=1, # cap for one video frame (InternVL's video recipe: 1)
+                 use_thumbnail=True, image_size=448, image_seq_length=256, **opts):
         super().__init__(tokenizer, **opts)
-        self.max_tiles, self.crop_max_tiles, self.use_thumbnail = max_tiles, crop_max_tiles or max_tiles, use_thumbnail
+        self.max_tiles, self.crop_max_tiles, self.use_thumbnail = max_tiles, crop_max_tiles or max(1, max_tiles//2), use_thumbnail
+        self.video_max_tiles = video_max_tiles
         self.image_size, self.image_seq_length = image_size, image_seq_length
         self.image_token_id = self.tid('<IMG_CONTEXT>')
 
-    def image_block(self, image, role='image')->ImageBlock:
-        "Tile `image` (role 'crop' uses `crop_max_tiles`) and build its placeholder ids."
+    def image_block(self, image, role='image', # 'image' | 'crop' (a tool result) | 'frame' (a video frame)
+                    n_images:int=1, # images in the sample (tool crops included): they share the tile budget
+                   )->ImageBlock:
+        "Tile `image` within its budget (`image_budget`) and build its placeholder ids."
         image = _as_rgb(image)
-        n = self.crop_max_tiles if role == 'crop' else self.max_tiles
+        n = self.image_budget(role, n_images)
         cols, rows = internvl_grid(image.size, 1, n, self.image_size)
         tiles = internvl_tiles(image, 1, n, self.image_size, self.use_thumbnail)
         pv = torch.stack([_normalize(t, IMAGENET_MEAN, IMAGENET_STD) for t in tiles])
@@ -363,9 +394,12 @@ class QwenVLAdapter(FamilyAdapter):
     "Qwen2.5-VL / Qwen3-VL: `<|vision_start|>` + `<|image_pad|>`×n + `<|vision_end|>`, min/max pixels, 3-D mrope positions."
     family = 'qwen2_5_vl'
     patch_size, mean, std = 14, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-    def __init__(self, tokenizer, min_pixels=56*56, max_pixels=28*28*1280, crop_max_pixels=None, **opts):
+    def __init__(self, tokenizer, min_pixels=56*56, max_pixels=28*28*1280, # max_pixels: shared by the images of a sample
+                 crop_max_pixels=None, # cap for one tool crop (default max_pixels // 2)
+                 video_max_pixels=768*28*28, **opts): # cap for one video frame (qwen-vl-utils' VIDEO_MAX_PIXELS)
         super().__init__(tokenizer, **opts)
-        self.min_pixels, self.max_pixels, self.crop_max_pixels = min_pixels, max_pixels, crop_max_pixels or max_pixels
+        self.min_pixels, self.max_pixels, self.crop_max_pixels = min_pixels, max_pixels, crop_max_pixels or max_pixels//2
+        self.video_max_pixels = video_max_pixels
         self.image_token_id = self.tid('<|image_pad|>')
         self._procs = {}
 
@@ -376,10 +410,10 @@ class QwenVLAdapter(FamilyAdapter):
                 min_pixels=self.min_pixels, max_pixels=max_pixels, image_mean=list(self.mean), image_std=list(self.std))
         return self._procs[max_pixels]
 
-    def image_block(self, image, role='image')->ImageBlock:
-        "Resize within the pixel budget (role 'crop' uses `crop_max_pixels`) and patchify with the PIL processor."
+    def image_block(self, image, role='image', n_images:int=1)->ImageBlock:
+        "Resize within the pixel budget (`image_budget`: shared by `n_images`, capped per role) and patchify."
         image = _as_rgb(image)
-        o = self._proc(self.crop_max_pixels if role == 'crop' else self.max_pixels)(images=[image], return_tensors='pt')
+        o = self._proc(self.image_budget(role, n_images))(images=[image], return_tensors='pt')
         t, h, w = (int(x) for x in o['image_grid_thw'][0])
         ids = [self.tid('<|vision_start|>')] + [self.image_token_id]*(t*h*w//4) + [self.tid('<|vision_end|>')]
         return ImageBlock(ids, {'pixel_values': o['pixel_values'], 'image_grid_thw': o['image_grid_thw']}, image.size,
@@ -394,8 +428,9 @@ class QwenVLAdapter(FamilyAdapter):
 class Qwen3VLAdapter(QwenVLAdapter):
     "Qwen3-VL: like Qwen2.5-VL with 16-pixel patches (32-pixel factor), mean/std 0.5."
     family, patch_size, mean, std = 'qwen3_vl', 16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    def __init__(self, tokenizer, min_pixels=64*64, max_pixels=32*32*1280, crop_max_pixels=None, **opts):
-        super().__init__(tokenizer, min_pixels=min_pixels, max_pixels=max_pixels, crop_max_pixels=crop_max_pixels, **opts)
+    def __init__(self, tokenizer, min_pixels=64*64, max_pixels=32*32*1280, crop_max_pixels=None, video_max_pixels=768*32*32, **opts):
+        super().__init__(tokenizer, min_pixels=min_pixels, max_pixels=max_pixels, crop_max_pixels=crop_max_pixels,
+                         video_max_pixels=video_max_pixels, **opts)
 
 # %% ../nbs/04_models.ipynb #6ba14b90
 def mrope_positions(input_ids, # [B, L] ids
@@ -596,14 +631,16 @@ def tiny_main(argv:list|None=None)->int:
 class OvisAdapter(FamilyAdapter):
     "Ovis2.5 (via `vlm_nb.ovis`): visual-atom placeholders, NaViT patches with `grid_thws`, 1-D positions."
     family = 'ovis2_5'
-    def __init__(self, tokenizer, min_pixels=448*448, max_pixels=1792*1792, crop_max_pixels=None, **opts):
+    def __init__(self, tokenizer, min_pixels=448*448, max_pixels=1792*1792, # max_pixels: shared by the images of a sample
+                 crop_max_pixels=None, video_max_pixels=896*896, **opts): # caps for one tool crop (default max/2) and one frame
         super().__init__(tokenizer, **opts)
-        self.min_pixels, self.max_pixels, self.crop_max_pixels = min_pixels, max_pixels, crop_max_pixels or max_pixels
+        self.min_pixels, self.max_pixels, self.crop_max_pixels = min_pixels, max_pixels, crop_max_pixels or max_pixels//2
+        self.video_max_pixels = video_max_pixels
 
-    def image_block(self, image, role='image')->ImageBlock:
-        "Ovis2.5 preprocessing of `image` (role 'crop' uses `crop_max_pixels`)."
+    def image_block(self, image, role='image', n_images:int=1)->ImageBlock:
+        "Ovis2.5 preprocessing of `image` within its pixel budget (`image_budget`)."
         from vlm_nb.ovis import image_block as _ovis_block
-        d = _ovis_block(_as_rgb(image), self.min_pixels, self.crop_max_pixels if role == 'crop' else self.max_pixels)
+        d = _ovis_block(_as_rgb(image), self.min_pixels, self.image_budget(role, n_images))
         return ImageBlock(list(d['token_ids']), {'pixel_values': d['pixel_values'], 'grid_thws': d['grid_thws']},
                           tuple(d['size']), tuple(d['resized']), role)
 

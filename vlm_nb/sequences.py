@@ -19,9 +19,9 @@ from .tools import parse_tool_calls, get_tool, execute_call
 __all__ = ['PROMPT', 'TRAINED', 'TOOL_RESPONSE', 'IMAGE', 'CONTEXT', 'PAD', 'ROLE_NAMES', 'IGNORE_INDEX', 'TOOL_RESPONSE_OPEN',
            'TOOL_RESPONSE_CLOSE', 'RESULT_MARKER', 'labels_from_roles', 'BodyPart', 'split_assistant', 'body_text',
            'SkipSample', 'implied_size', 'placeholder_image', 'sample_images', 'SequenceConfig', 'BuildReport',
-           'sample_key', 'TrainSequence', 'SequenceBuilder', 'build_sequence', 'mask_html', 'seq_positions',
-           'pad_collate', 'block_causal_mask', 'pack_collate', 'plan_packs', 'SequenceCollator', 'masks_main',
-           'bench_samples', 'final_text', 'padding_waste', 'bench_collator']
+           'sample_key', 'TrainSequence', 'SequenceBuilder', 'PendingBlock', 'build_sequence', 'mask_html',
+           'seq_positions', 'pad_collate', 'block_causal_mask', 'pack_collate', 'plan_packs', 'SequenceCollator',
+           'masks_main', 'bench_samples', 'final_text', 'padding_waste', 'bench_collator']
 
 # %% ../nbs/05_sequences.ipynb #c2d4530f
 PROMPT, TRAINED, TOOL_RESPONSE, IMAGE, CONTEXT, PAD = range(6)
@@ -247,18 +247,36 @@ def _light(b):
 def _image_key(im):
     return im if isinstance(im, str) else ('pil', id(im))
 
+class PendingBlock:
+    "An image of a sample whose block waits for the sample's image count (its images share one budget)."
+    __slots__ = ('image', 'size', 'role', 'key')
+    def __init__(self, image, role, key=None, keep:bool=True):
+        self.image, self.size, self.role, self.key = (image if keep else None), tuple(image.size), role, key
+
 @patch
 def _block(self:SequenceBuilder, image, role:str, key=None):
-    "The adapter's image block for `image` (cached by size in `pixels=False` mode, by `key` when given)."
+    "A `PendingBlock` for `image` (only its size is kept in `pixels=False` mode)."
+    return PendingBlock(image, role, key, keep=self.cfg.pixels)
+
+@patch
+def _make_block(self:SequenceBuilder, p:PendingBlock, n_images:int):
+    "The adapter's block for `p` when the sample has `n_images` images (cached by size in `pixels=False` mode, by key when given)."
     if not self.cfg.pixels:
-        k = ('size', role, tuple(image.size))
+        k = ('size', p.role, p.size, n_images)
         b = self.block_cache.get(k)
-        if b is None: b = self.block_cache[k] = _light(self.adapter.image_block(image, role))
+        if b is None: b = self.block_cache[k] = _light(self.adapter.image_block(Image.new('RGB', p.size), p.role, n_images=n_images))
         return b
-    if key is not None and key in self.block_cache: return self.block_cache[key][1]
-    b = self.adapter.image_block(image, role)
-    if key is not None: self.block_cache[key] = (image, b)   # keep the image alive so id()-based keys stay unique
+    k = None if p.key is None else (p.key, n_images)
+    if k is not None and k in self.block_cache: return self.block_cache[k][1]
+    b = self.adapter.image_block(p.image, p.role, n_images=n_images)
+    if k is not None: self.block_cache[k] = (p.image, b)   # keep the image alive so id()-based keys stay unique
     return b
+
+@patch
+def _resolve(self:SequenceBuilder, segs:list) -> list:
+    "`segs` with every `PendingBlock` made into an image block: each of the sample's n images gets its share of the budget."
+    n = sum(1 for k, _, p in segs if k == 'b' and isinstance(p, PendingBlock))
+    return [(k, r, self._make_block(p, n)) if k == 'b' and isinstance(p, PendingBlock) else (k, r, p) for k, r, p in segs]
 
 @patch
 def _tool_part(self:SequenceBuilder, call, images:list, image_keys:tuple, notes:list):
@@ -390,6 +408,7 @@ def build_many(self:SequenceBuilder, samples, # `Sample`s
         for s in samples[i:i + chunk]:
             try:
                 segs, src, ph, notes = self._plan(s)
+                segs = self._resolve(segs)
                 plans.append((s, segs, src, ph)); texts += [p for k, _, p in segs if k == 't']
                 self.report.notes += [(sample_key(s), n) for n in notes]
             except SkipSample as e:

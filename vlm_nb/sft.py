@@ -12,15 +12,18 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from .data import load_samples, atomic_write_json, atomic_write_text
-from .models import FAMILIES, family_of, load_model, get_adapter, load_tokenizer
+from .models import FAMILIES, family_of, load_model, get_adapter, load_tokenizer, checkpoint_meta, CHECKPOINT_META
 
 # %% auto #0
-__all__ = ['MODEL_PARTS', 'LORA_PRESETS', 'DEEPSPEED_CONFIGS', 'PROCESSOR_FILES', 'LoraSettings', 'SFTConfig', 'apply_overrides',
-           'load_config', 'steps_per_epoch', 'model_part', 'freeze_parts', 'trainable_report', 'lora_target_regex',
-           'apply_lora', 'SFTDataset', 'build_sequences', 'SFTCollator', 'TrainStatsCallback', 'VLMTrainer',
-           'configs_dir', 'write_deepspeed_configs', 'deepspeed_config', 'last_checkpoint', 'training_arguments',
-           'prepare_model', 'copy_processor_files', 'save_tokenizer_files', 'staging_dir', 'publish_dir', 'train_sft',
-           'merge_lora', 'train_sft_main', 'train_merge_main', 'bench_train', 'internvl_1b_config', 'gpu_train_bench']
+__all__ = ['MODEL_PARTS', 'LORA_PRESETS', 'DEEPSPEED_CONFIGS', 'ATTN_IMPLEMENTATIONS', 'PROCESSOR_FILES', 'LoraSettings',
+           'SFTConfig', 'apply_overrides', 'load_config', 'steps_per_epoch', 'model_part', 'freeze_parts',
+           'trainable_report', 'lora_target_regex', 'apply_lora', 'SFTDataset', 'build_sequences', 'LazySFTDataset',
+           'default_cache_dir', 'plan_sequences', 'pack_rows', 'SFTCollator', 'TrainStatsCallback',
+           'EpochLengthSampler', 'VLMTrainer', 'configs_dir', 'write_deepspeed_configs', 'deepspeed_config',
+           'last_checkpoint', 'training_arguments', 'set_attention', 'prepare_model', 'copy_processor_files',
+           'save_tokenizer_files', 'staging_dir', 'publish_dir', 'image_token_stats', 'param_shard', 'sft_dataset',
+           'train_sft', 'merge_lora', 'train_sft_main', 'train_merge_main', 'bench_train', 'crop_bench_data',
+           'bench_memory', 'internvl_1b_config', 'gpu_train_bench']
 
 # %% ../nbs/07_sft.ipynb #6dc957ff
 @dataclass
@@ -41,11 +44,16 @@ class SFTConfig:
     image_root: str|None = None     # root for relative image paths (default: the dataset file's folder)
     output_dir: str = 'runs/sft'    # checkpoints, logs and the final model (`output_dir/final`)
     mode: str = 'full'              # 'full' | 'lora' | 'qlora' (4-bit base, CUDA + bitsandbytes)
-    freeze: list = field(default_factory=list) # parts not trained: any of 'vision', 'projector', 'llm'
+    freeze: list = field(default_factory=lambda: ['vision']) # parts not trained (full mode): any of 'vision', 'projector', 'llm'; [] trains all
     lora: LoraSettings = field(default_factory=LoraSettings)
     adapter: dict = field(default_factory=dict) # family adapter options, e.g. {'max_tiles': 6} or {'max_pixels': 802816}
     max_length: int = 4096          # longest sequence in tokens (images included); longer ones are trimmed safely
-    packing: bool = False           # pack each batch's sequences into rows of <= max_length tokens (no padding)
+    packing: bool = False           # pack each batch's sequences into rows of <= pack_max_tokens tokens (no padding)
+    pack_max_tokens: int|None = None # tokens per packed row (default: max_length)
+    attn_implementation: str = 'sdpa' # 'sdpa' | 'flash_attention_2' | 'flex_attention' | 'eager'
+    lazy: bool = True               # plan sequences once (cached on disk), compute pixels per batch; False: all in memory
+    cache_dir: str|None = None      # where plans are cached (default: output_dir/sequence_cache)
+    group_by_length: bool = True    # batches of similar lengths (less padding), in a random order of batches
     epochs: float = 1.0
     max_steps: int = -1             # > 0 overrides epochs
     batch_size: int = 1             # per device
@@ -188,7 +196,8 @@ def trainable_report(model, family:str)->dict:
         if id(p) in seen: continue
         seen.add(id(p))
         part = 'lora' if 'lora_' in n else (model_part(n, family) or 'other')
-        t = out.setdefault(part, [0, 0]); t[1] += p.numel(); t[0] += p.numel() if p.requires_grad else 0
+        n = getattr(p, 'ds_numel', None) or p.numel()   # ZeRO-3 partitions parameters: count their full size
+        t = out.setdefault(part, [0, 0]); t[1] += n; t[0] += n if p.requires_grad else 0
     return out
 
 # %% ../nbs/07_sft.ipynb #5c5cf79c
@@ -229,6 +238,8 @@ class SFTDataset(torch.utils.data.Dataset):
     def __init__(self, seqs:list, report=None): self.seqs, self.report = list(seqs), report
     def __len__(self): return len(self.seqs)
     def __getitem__(self, i): return self.seqs[i]
+    @property
+    def lengths(self)->list: return [len(s) for s in self.seqs]
     def n_tokens(self)->int: return int(sum(len(s) for s in self.seqs))
     def __repr__(self): return f"SFTDataset({len(self)} sequences, {self.n_tokens()} tokens)"
 
@@ -246,18 +257,157 @@ def build_sequences(path:str|Path, # dataset file
     if not seqs: raise ValueError(f"{path}: no usable training sequences ({len(samples)} samples; skipped: {b.report.skipped[:3]})")
     return SFTDataset(seqs, b.report)
 
+# %% ../nbs/07_sft.ipynb #46086a7d
+_PLAN_VERSION = 1
+
+def _plan_key(path, adapter, seq_cfg:dict, max_samples=None)->str:
+    "A short hash of the data file (path, size, mtime), the adapter's settings, the tokenizer and the sequence settings."
+    import hashlib
+    st, tok = Path(path).stat(), adapter.tokenizer
+    opts = {k: v for k, v in sorted(vars(adapter).items()) if isinstance(v, (int, float, str, bool, type(None))) or k == 'opts'}
+    d = {'v': _PLAN_VERSION, 'data': [str(Path(path).resolve()), st.st_size, st.st_mtime_ns], 'family': adapter.family,
+         'adapter': opts, 'tok': [str(getattr(tok, 'name_or_path', '')), len(tok)], 'seq': seq_cfg, 'max_samples': max_samples}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+class LazySFTDataset(torch.utils.data.Dataset):
+    "Training sequences planned once (token ids, roles, image references; memory-mapped from a cache folder); pixels per item."
+    def __init__(self, folder:str|Path, # a folder written by `plan_sequences`
+                 adapter, seq_cfg=None): # the family adapter and the `SequenceConfig` the plan was made with
+        from vlm_nb.sequences import SequenceConfig, BuildReport
+        self.folder, self.adapter = Path(folder), adapter
+        info = json.loads((self.folder/'plan.json').read_text())
+        self.cfg = seq_cfg or SequenceConfig(**info['seq'])
+        self.index = np.load(self.folder/'index.npy')          # [n, 4]: token offset, length, sample byte offset, byte length
+        self.meta = json.loads((self.folder/'meta.json').read_text())  # [id, block spans, block sources, placeholders, trimmed]
+        self.report = BuildReport(**info['report'])
+        self._ids = self._roles = self._builder = None
+    def __getstate__(self): return {**self.__dict__, '_ids': None, '_roles': None, '_builder': None}  # workers reopen
+    def __len__(self): return len(self.index)
+    @property
+    def lengths(self)->list: return self.index[:, 1].tolist()
+    def n_tokens(self)->int: return int(self.index[:, 1].sum())
+    def __repr__(self): return f"LazySFTDataset({len(self)} sequences, {self.n_tokens()} tokens, plan in {self.folder})"
+    def _open(self):
+        if self._ids is None:
+            self._ids = np.memmap(self.folder/'ids.bin', dtype=np.int32, mode='r') if self.n_tokens() else np.zeros(0, np.int32)
+            self._roles = np.memmap(self.folder/'roles.bin', dtype=np.uint8, mode='r') if self.n_tokens() else np.zeros(0, np.uint8)
+        if self._builder is None:
+            from vlm_nb.sequences import SequenceBuilder
+            self._builder = SequenceBuilder(self.adapter, self.cfg)
+    def sample(self, i:int):
+        "The `Sample` behind sequence `i`."
+        import pickle
+        _, _, so, sn = (int(x) for x in self.index[i])
+        with open(self.folder/'samples.bin', 'rb') as f: f.seek(so); return pickle.loads(f.read(sn))
+    def __getitem__(self, i):
+        from vlm_nb.sequences import TrainSequence, SkipSample
+        self._open()
+        off, n = int(self.index[i, 0]), int(self.index[i, 1])
+        sid, spans, sources, ph, trimmed = self.meta[i]
+        try: segs = self._builder._resolve(self._builder._plan(self.sample(i))[0])
+        except SkipSample as e:   # an image that was readable when planned is gone: drop the item, say which
+            warnings.warn(f"sample {sid}: skipped at load time ({e}); re-plan after fixing the data"); return None
+        blocks = [p for k, _, p in segs if k == 'b'][:len(spans)]
+        got, want = [len(b.token_ids) for b in blocks], [b - a for a, b in spans]
+        if got != want:
+            raise RuntimeError(f"sample {sid}: its images now give image blocks of {got} tokens, the plan in {self.folder} says "
+                               f"{want}; the image files or the adapter changed since planning: delete that folder to plan again")
+        ids = np.asarray(self._ids[off:off + n], dtype=np.int64); roles = np.array(self._roles[off:off + n])
+        for b, (a, e) in zip(blocks, spans): ids[a:e] = b.token_ids
+        return TrainSequence(sid, ids, roles, blocks, [tuple(s) for s in spans], list(sources), list(ph), trimmed, self.adapter.tokenizer)
+
+def default_cache_dir()->Path:
+    "Where plans go when no folder is given: `$VLM_NB_CACHE/sequences`, else `~/.cache/vlm_nb/sequences`."
+    base = os.environ.get('VLM_NB_CACHE') or Path(os.environ.get('XDG_CACHE_HOME', Path.home()/'.cache'))/'vlm_nb'
+    return Path(base)/'sequences'
+
+def plan_sequences(path:str|Path, # dataset file
+                   adapter, # family adapter
+                   image_root:str|Path|None=None, # default: the dataset file's folder
+                   max_length:int=4096, max_samples:int|None=None,
+                   cache_dir:str|Path|None=None, # plans live in cache_dir/<key> (default `default_cache_dir()`)
+                   progress:bool=False, chunk:int=256, # samples planned per batched tokenizer call
+                   **seq_kw)->LazySFTDataset: # other `SequenceConfig` fields
+    "Plan the training sequences of `path` once (cached on disk) and return them as a `LazySFTDataset`."
+    import pickle
+    from vlm_nb.sequences import SequenceBuilder, SequenceConfig
+    root = str(image_root) if image_root else str(Path(path).parent)
+    scfg = SequenceConfig(**{'max_length': max_length, 'image_root': root, **seq_kw, 'pixels': True})
+    key = _plan_key(path, adapter, asdict(scfg), max_samples)
+    folder = Path(cache_dir) if cache_dir else default_cache_dir(); folder = folder/key
+    if (folder/'plan.json').exists(): return LazySFTDataset(folder, adapter, scfg)
+    samples = load_samples(path)
+    if max_samples: samples = samples[:max_samples]
+    tmp = folder.parent/f'.{key}-{os.getpid()}'; shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+    b = SequenceBuilder(adapter, SequenceConfig(**{**asdict(scfg), 'pixels': False}), block_cache={})
+    index, meta, tok_off, byte_off = [], [], 0, 0
+    it = range(0, len(samples), chunk)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, total=math.ceil(len(samples)/chunk), desc='planning sequences')
+    with open(tmp/'ids.bin', 'wb') as fi, open(tmp/'roles.bin', 'wb') as fr, open(tmp/'samples.bin', 'wb') as fs:
+        for i in it:
+            part = samples[i:i + chunk]
+            for s, q in zip(part, b.build_many(part, chunk=chunk, align=True)):
+                if q is None: continue
+                blob = pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL)
+                fi.write(q.input_ids.astype(np.int32).tobytes()); fr.write(q.roles.astype(np.uint8).tobytes()); fs.write(blob)
+                index.append((tok_off, len(q), byte_off, len(blob))); tok_off += len(q); byte_off += len(blob)
+                meta.append([q.id, [list(x) for x in q.block_spans], q.block_sources, q.placeholders, q.trimmed])
+            b.block_cache.clear()
+    if not index: shutil.rmtree(tmp, ignore_errors=True); raise ValueError(
+        f"{path}: no usable training sequences ({len(samples)} samples; skipped: {b.report.skipped[:3]})")
+    np.save(tmp/'index.npy', np.array(index, dtype=np.int64).reshape(-1, 4))
+    atomic_write_json(tmp/'meta.json', meta)
+    rep = b.report.as_dict()
+    rep = {'built': rep['built'], 'trimmed': list(b.report.trimmed), 'skipped': list(b.report.skipped),
+           'placeholders': list(b.report.placeholders), 'notes': list(b.report.notes)}
+    atomic_write_json(tmp/'plan.json', {'data': str(Path(path).resolve()), 'family': adapter.family, 'seq': asdict(scfg),
+                                        'n': len(index), 'tokens': tok_off, 'report': rep})
+    try: os.replace(tmp, folder)
+    except OSError: shutil.rmtree(tmp, ignore_errors=True)   # another process published the same plan first
+    return LazySFTDataset(folder, adapter, scfg)
+
+
 # %% ../nbs/07_sft.ipynb #5cb885e9
+def pack_rows(seqs:list, # `TrainSequence`s of one batch
+              adapter, # family adapter: pad id, positions and pixel inputs
+              max_tokens:int, # cap of one row (a longer sequence gets a row of its own)
+             )->dict:
+    "Pack `seqs` into rows of at most `max_tokens` tokens (first-fit decreasing), right-padded to the longest row."
+    from vlm_nb.sequences import pack_collate, plan_packs, _pixels
+    groups = plan_packs([len(s) for s in seqs], max_tokens)
+    rows = [pack_collate([seqs[i] for i in g], adapter, pixels=False) for g in groups]
+    T, R = max(r['input_ids'].shape[1] for r in rows), len(rows)
+    tok = adapter.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((R, T), pad, dtype=torch.long); lab = torch.full((R, T), -100, dtype=torch.long)
+    P0 = rows[0]['position_ids']
+    pos = torch.zeros((P0.shape[0], R, T) if P0.dim() == 3 else (R, T), dtype=torch.long)
+    for k, r in enumerate(rows):
+        n = r['input_ids'].shape[1]
+        ids[k, :n], lab[k, :n] = r['input_ids'][0], r['labels'][0]
+        tail = torch.arange(T - n)   # the padding is one more sequence of its own (positions restart), never trained
+        if P0.dim() == 3: pos[:, k, :n] = r['position_ids'][:, 0]; pos[:, k, n:] = tail
+        else: pos[k, :n] = r['position_ids'][0]; pos[k, n:] = tail
+    out = {'input_ids': ids, 'labels': lab, 'position_ids': pos, 'use_cache': False}
+    out.update(_pixels([seqs[i] for g in groups for i in g], adapter))   # images in row-major token order
+    return out
+
 class SFTCollator:
-    "`vlm_nb.sequences.SequenceCollator` (padded or packed) plus `n_tokens`, the number of non-padding tokens."
+    "Padded batches, or packed rows of at most `max_tokens` tokens (`packing=True`), plus `n_tokens` (non-padding tokens)."
     def __init__(self, adapter, # the family adapter (pad id, positions, pixel inputs)
-                 packing:bool=False, stats:bool=True): # stats: add `n_tokens` (popped by the trainer before the forward)
+                 packing:bool=False, stats:bool=True, # stats: add `n_tokens` (popped by the trainer before the forward)
+                 max_tokens:int|None=None): # packing: tokens per row (None: the whole batch in one row)
         from vlm_nb.sequences import SequenceCollator
         self.collate, self.stats = SequenceCollator(adapter, packing=packing), stats
+        self.adapter, self.packing, self.max_tokens = adapter, packing, max_tokens
     def __call__(self, batch:list)->dict:
         batch = [s for s in batch if s is not None]
-        out = self.collate(batch)
+        out = pack_rows(batch, self.adapter, self.max_tokens) if self.packing and self.max_tokens else self.collate(batch)
         if self.stats: out['n_tokens'] = torch.tensor(sum(len(s) for s in batch))
         return out
+
 
 # %% ../nbs/07_sft.ipynb #2de0c2dd
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -298,11 +448,24 @@ class TrainStatsCallback(TrainerCallback):
         if self.log_file and state.is_world_process_zero:
             with open(self.log_file, 'a') as f: f.write(json.dumps({**logs, 'step': state.global_step}) + '\n')
 
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+class EpochLengthSampler(LengthGroupedSampler):
+    "Length-grouped order drawn from `seed + epoch`: the same on every rank and again after a resume."
+    def __init__(self, batch_size:int, lengths:list, seed:int=0):
+        super().__init__(batch_size, lengths=lengths); self.seed, self.epoch = seed, 0
+    def set_epoch(self, epoch:int): self.epoch = int(epoch)
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
 class VLMTrainer(Trainer):
     "`Trainer` whose loss goes through the family adapter (and counts tokens for `TrainStatsCallback`)."
-    def __init__(self, *args, adapter=None, stats:TrainStatsCallback|None=None, **kw):
+    def __init__(self, *args, adapter=None, stats:TrainStatsCallback|None=None,
+                 group_by_length:bool=False, # batches of similar lengths (the dataset's `lengths`)
+                 **kw):
         super().__init__(*args, **kw)
-        self.adapter, self.stats = adapter, stats
+        self.adapter, self.stats, self.group_by_length = adapter, stats, group_by_length
         self.model_accepts_loss_kwargs = True   # our loss is a sum over `num_items_in_batch` trained tokens
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -310,7 +473,20 @@ class VLMTrainer(Trainer):
         inputs.pop('n_tokens', None)
         kw = {'num_items_in_batch': num_items_in_batch} if num_items_in_batch is not None else {}
         out = self.adapter.forward(model, **{'use_cache': False, **inputs, **kw})
-        return (out.loss, out) if return_outputs else out.loss
+        loss = out.loss * self._loss_scale(num_items_in_batch)
+        return (loss, out) if return_outputs else loss
+    def _loss_scale(self, num_items_in_batch)->int:
+        "The factor the stock `compute_loss` applies: `num_items_in_batch` counts every rank's tokens, DDP averages gradients."
+        if num_items_in_batch is None or not self.args.average_tokens_across_devices: return 1
+        if self.args.n_gpu > 1: return self.args.n_gpu
+        tp = self.get_tp_size() if hasattr(self, 'get_tp_size') else 1
+        return self.accelerator.num_processes // max(tp, 1)
+    def _get_train_sampler(self, train_dataset=None):
+        "Length-grouped sampling from the dataset's own `lengths` (no item is loaded to measure it)."
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        if not (self.group_by_length and hasattr(ds, 'lengths')): return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, list(ds.lengths), seed)
     def _plain(self, model)->bool:
         "A model whose checkpoints the stock Trainer reloads wrongly (not PEFT, DeepSpeed or FSDP)."
         from peft import PeftModel
@@ -417,6 +593,16 @@ def training_arguments(cfg:SFTConfig, has_eval:bool=False, **kw)->TrainingArgume
 # %% ../nbs/07_sft.ipynb #f721a120
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
+ATTN_IMPLEMENTATIONS = ('sdpa', 'flash_attention_2', 'flex_attention', 'eager')
+
+def set_attention(model, impl:str='sdpa'):
+    "Switch every attention layer of `model` to `impl` (packed rows then use varlen flash / a flex block mask / a dense mask)."
+    if impl not in ATTN_IMPLEMENTATIONS: raise ValueError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, not {impl!r}")
+    try: model.set_attn_implementation(impl)
+    except (ImportError, ValueError) as e:
+        raise RuntimeError(f"attn_implementation {impl!r} is not available here ({e}); use 'sdpa' or install its kernels") from None
+    return model
+
 def prepare_model(cfg:SFTConfig):
     "(model ready to train, adapter, family) for `cfg`."
     if cfg.mode not in ('full', 'lora', 'qlora'): raise ValueError(f"mode must be 'full', 'lora' or 'qlora', not {cfg.mode!r}")
@@ -430,10 +616,11 @@ def prepare_model(cfg:SFTConfig):
                                                 gradient_checkpointing_kwargs={'use_reentrant': False})
     else:
         model, ad = load_model(cfg.model, dtype=_DTYPES[cfg.dtype], **cfg.adapter)
+    set_attention(model, cfg.attn_implementation)
     model.train()
     if cfg.mode == 'full': freeze_parts(model, family, cfg.freeze)
     else:
-        if cfg.freeze: warnings.warn('freeze is ignored with LoRA: the base model is frozen and LoRA targets choose the parts')
+        if set(cfg.freeze) - {'vision'}: warnings.warn('freeze is ignored with LoRA: the base model is frozen and LoRA targets choose the parts')
         model = apply_lora(model, family, cfg.lora)
     return model, ad, family
 
@@ -488,6 +675,36 @@ def publish_dir(tmp:str|Path, # a complete folder (e.g. `staging_dir(final)`)
 # %% ../nbs/07_sft.ipynb #a498632d
 def _world_size()->int: return int(os.environ.get('WORLD_SIZE', '1'))
 
+def _init_deepspeed_comm(cfg:SFTConfig):
+    "Start DeepSpeed's communication before the model loads, so `zero.Init` knows the world size (accelerate leaves it to later on CPU)."
+    if not cfg.deepspeed or _world_size() == 1: return
+    import torch.distributed as tdist
+    from deepspeed import comm as dist
+    if not dist.is_initialized():
+        backend = tdist.get_backend() if tdist.is_initialized() else ('nccl' if torch.cuda.is_available() else 'gloo')
+        dist.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+def image_token_stats(ds)->dict:
+    "Image tokens per training sequence: mean and max (what the image budgets cost)."
+    if hasattr(ds, 'meta'): v = [sum(b - a for a, b in m[1]) for m in ds.meta]
+    else: v = [int(getattr(s, 'n_image_tokens', 0)) for s in (ds.seqs if hasattr(ds, 'seqs') else [])]
+    return {'mean': round(float(np.mean(v)), 1) if v else 0.0, 'max': int(max(v)) if v else 0}
+
+def param_shard(model)->list:
+    "[parameters held by this process, parameters of the model]: equal without ZeRO-3, about 1/world with it."
+    local = total = 0
+    for p in model.parameters():
+        n = getattr(p, 'ds_numel', None)
+        if n is None: local += p.numel(); total += p.numel()
+        else: local += p.ds_tensor.numel() if getattr(p, 'ds_tensor', None) is not None else 0; total += n
+    return [local, total]
+
+def sft_dataset(cfg:SFTConfig, adapter, path, image_root=None, max_samples=None):
+    "The training (or eval) dataset of `path` for `cfg`: planned and lazy (`cfg.lazy`), else built in memory."
+    if not cfg.lazy: return build_sequences(path, adapter, image_root, cfg.max_length, max_samples, progress=cfg.progress)
+    return plan_sequences(path, adapter, image_root, cfg.max_length, max_samples, progress=cfg.progress,
+                          cache_dir=cfg.cache_dir or Path(cfg.output_dir)/'sequence_cache')
+
 def train_sft(cfg:SFTConfig, # the run
               train_dataset=None, eval_dataset=None, # pre-built datasets (default: built from cfg.train_data/eval_data)
               callbacks:list|None=None)->dict:
@@ -496,18 +713,22 @@ def train_sft(cfg:SFTConfig, # the run
     if not cfg.model: raise ValueError('config: model is required (a checkpoint folder)')
     if train_dataset is None and not cfg.train_data: raise ValueError('config: train_data is required')
     set_seed(cfg.seed)
-    model, ad, family = prepare_model(cfg)
-    if train_dataset is None:
-        train_dataset = build_sequences(cfg.train_data, ad, cfg.image_root, cfg.max_length, cfg.max_samples, progress=cfg.progress)
-    if eval_dataset is None and cfg.eval_data:
-        eval_dataset = build_sequences(cfg.eval_data, ad, cfg.image_root or Path(cfg.train_data).parent, cfg.max_length)
     out = Path(cfg.output_dir); out.mkdir(parents=True, exist_ok=True)
-    args = training_arguments(cfg, has_eval=eval_dataset is not None)
+    # the arguments come first: under ZeRO-3 they switch `from_pretrained` to `deepspeed.zero.Init` (each rank loads its shard)
+    args = training_arguments(cfg, has_eval=eval_dataset is not None or bool(cfg.eval_data))
+    _init_deepspeed_comm(cfg)
+    model, ad, family = prepare_model(cfg)
+    shard = param_shard(model)
+    with args.main_process_first(desc='planning sequences'):   # rank 0 plans, the others read its cache
+        if train_dataset is None: train_dataset = sft_dataset(cfg, ad, cfg.train_data, cfg.image_root, cfg.max_samples)
+        if eval_dataset is None and cfg.eval_data:
+            eval_dataset = sft_dataset(cfg, ad, cfg.eval_data, cfg.image_root or Path(cfg.train_data).parent)
     stats = TrainStatsCallback(out/'train_log.jsonl')
     cbs = [stats] + list(callbacks or [])
     if eval_dataset is not None and cfg.early_stopping_patience > 0: cbs.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     trainer = VLMTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         data_collator=SFTCollator(ad, cfg.packing), callbacks=cbs, adapter=ad, stats=stats)
+                         data_collator=SFTCollator(ad, cfg.packing, max_tokens=cfg.pack_max_tokens or cfg.max_length), callbacks=cbs, adapter=ad, stats=stats,
+                         group_by_length=cfg.group_by_length)
     ckpt = last_checkpoint(out) if cfg.resume else None
     if args.process_index == 0: atomic_write_json(out/'sft_config.json', asdict(cfg))
     t0 = time.perf_counter()
@@ -519,6 +740,8 @@ def train_sft(cfg:SFTConfig, # the run
     trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
         save_tokenizer_files(ad, tmp, cfg.model)
+        meta = checkpoint_meta(cfg.model)   # the image budgets training used, for inference, GRPO and evaluation
+        atomic_write_json(tmp/CHECKPOINT_META, {**meta, 'adapter': {**meta.get('adapter', {}), **cfg.adapter, **ad.image_options()}})
         atomic_write_json(tmp/'vlm_nb_train.json', {'family': family, 'mode': cfg.mode, 'base_model': str(Path(cfg.model).resolve()),
                                                    'steps': trainer.state.global_step})
         publish_dir(tmp, final)
@@ -531,7 +754,9 @@ def train_sft(cfg:SFTConfig, # the run
         accel = get_accelerator().device_name()
     return {'family': family, 'mode': cfg.mode, 'world_size': args.world_size, 'dist_backend': backend, 'accelerator': accel, 'steps': trainer.state.global_step,
             'max_steps': trainer.state.max_steps, 'n_train': len(train_dataset), 'resumed_from': str(ckpt) if ckpt else None,
-            'losses': [h['loss'] for h in logs], 'train_loss': res.training_loss, 'eval_loss': metrics.get('eval_loss'),
+            'losses': [h['loss'] for h in logs], 'grad_norms': [h.get('grad_norm') for h in logs], 'params_on_rank': shard,
+            'image_tokens': image_token_stats(train_dataset),
+            'train_loss': res.training_loss, 'eval_loss': metrics.get('eval_loss'),
             'tokens_per_s': logs[-1].get('tokens_per_s') if logs else None, 'seconds': round(secs, 2),
             'trainable': trainable_report(model, family), 'final': str(final), 'output_dir': str(out)}
 
@@ -604,15 +829,25 @@ def _tokens_per_s(trainer, counter)->float:
     rt = trainer.state.log_history[-1].get('train_runtime') or 1e-9
     return counter['tokens'] / rt
 
+def _bench_model(family, ckpt, size, tok, opts):
+    "The benchmark's model: the tiny checkpoint, or a random InternVL3.5 of `size` shapes (see `internvl_1b_config`)."
+    if size == 'tiny': return load_model(ckpt, **opts)[0]
+    import transformers as T
+    if family != 'internvl3_5': raise ValueError(f"size {size!r} is built for internvl3_5 only")
+    return T.InternVLForConditionalGeneration(internvl_1b_config(tok, size))
+
 def bench_train(json:bool=False, # print one JSON object (else a short table)
-                family:str='internvl3_5', steps:int=8, batch_size:int=8, n_images:int=8, seed:int=0)->dict:
-    "Tokens/s of our trainer vs TRL's SFTTrainer on one tiny model and data, and the gain from packing."
+                family:str='internvl3_5', steps:int=6, batch_size:int=8, n_images:int=8, seed:int=0,
+                sizes:tuple=('tiny', 'small'), # model sizes: 'tiny' (vocabulary-dominated), 'small' (layers dominate), '1b'
+                quick:bool=False)->dict:
+    "Tokens/s of our trainer vs TRL's SFTTrainer configured alike (fp32, no gradient checkpointing, same collator), and the packing gain."
     import json as _json, tempfile
     from transformers import set_seed
     from trl import SFTTrainer, SFTConfig as TRLConfig
     from datasets import Dataset as HFDataset
     from vlm_nb.models import make_tiny, build_tokenizer_dir
     from vlm_nb.synthetic import build_tool_dataset, SceneConfig
+    if quick: steps, sizes = 2, ('tiny',)
     d = Path(tempfile.mkdtemp(prefix='vlm_nb_bench_'))
     ckpt = make_tiny(family, d/'model', tokenizer_dir=build_tokenizer_dir(family, d/'tok', shared=False))
     build_tool_dataset(d/'syn', n_images=n_images, seed=seed, cfg=SceneConfig(320, 240), progress=False)
@@ -626,39 +861,121 @@ def bench_train(json:bool=False, # print one JSON object (else a short table)
             c['tokens'] += sum(len(s) for s in seqs); out = collate(seqs); out.pop('n_tokens', None); return out
         return f, c
     common = dict(max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=1e-4, logging_steps=steps,
-                  save_strategy='no', report_to='none', disable_tqdm=True, remove_unused_columns=False, seed=seed, use_cpu=not torch.cuda.is_available())
-    res = {}
-    for name in ('ours_padded', 'trl_padded', 'ours_packed'):
-        set_seed(seed)
-        model, _ = load_model(ckpt, **opts); model.train()
-        coll, cnt = counting(SFTCollator(ad, packing=name.endswith('packed')), 'idx' if name.startswith('trl') else None)
-        if name.startswith('trl'):
-            args = TRLConfig(output_dir=str(d/name), dataset_kwargs={'skip_prepare_dataset': True}, **common)
-            tr = SFTTrainer(model=model, args=args, train_dataset=HFDataset.from_dict({'idx': list(range(len(ds)))}),
-                            data_collator=coll, processing_class=ad.tokenizer)
-        else:
-            args = TrainingArguments(output_dir=str(d/name), label_names=['labels'], **common)
-            tr = VLMTrainer(model=model, args=args, train_dataset=ds, data_collator=coll, adapter=ad)
-        tr.train()
-        res[name] = round(_tokens_per_s(tr, cnt), 1)
+                  save_strategy='no', report_to='none', disable_tqdm=True, remove_unused_columns=False, seed=seed,
+                  use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, gradient_checkpointing=False)
+    rows = {}
+    for size in sizes:
+        res, params = {}, None
+        for name in ('ours_padded', 'trl_padded', 'ours_packed'):
+            set_seed(seed)
+            model = _bench_model(family, ckpt, size, ad.tokenizer, opts); model.train()
+            params = sum(p.numel() for p in model.parameters())
+            coll, cnt = counting(SFTCollator(ad, packing=name.endswith('packed'), max_tokens=4096), 'idx' if name.startswith('trl') else None)
+            if name.startswith('trl'):   # matched: fp32, no gradient checkpointing, our collator, no extra metrics pass
+                args = TRLConfig(output_dir=str(d/name), dataset_kwargs={'skip_prepare_dataset': True}, **common)
+                tr = SFTTrainer(model=model, args=args, train_dataset=HFDataset.from_dict({'idx': list(range(len(ds)))}),
+                                data_collator=coll, processing_class=ad.tokenizer)
+            else:
+                args = TrainingArguments(output_dir=str(d/name), label_names=['labels'], **common)
+                tr = VLMTrainer(model=model, args=args, train_dataset=ds, data_collator=coll, adapter=ad)
+            tr.train()
+            res[name] = round(_tokens_per_s(tr, cnt), 1)
+        emb = model.get_input_embeddings().weight.numel()
+        rows[size] = {'params': params, 'vocab_share_of_params': round(2 * emb / params, 3), 'tokens_per_s': res,
+                      'ours_vs_trl': round(res['ours_padded'] / res['trl_padded'], 3),
+                      'packing_gain': round(res['ours_packed'] / res['ours_padded'], 3)}
+    main = rows[sizes[-1]]
     out = {'family': family, 'device': 'cuda' if torch.cuda.is_available() else 'cpu', 'steps': steps, 'batch_size': batch_size,
-           'sequences': len(ds), 'tokens_per_s': res, 'ours_vs_trl': round(res['ours_padded'] / res['trl_padded'], 3),
-           'packing_gain': round(res['ours_packed'] / res['ours_padded'], 3)}
+           'sequences': len(ds), 'rows': rows, 'size': sizes[-1], 'ours_vs_trl': main['ours_vs_trl'], 'packing_gain': main['packing_gain'],
+           'matched': 'fp32 both, no gradient checkpointing, same collator and data'}
     shutil.rmtree(d, ignore_errors=True)
     if json: print(_json.dumps(out))
     else:
-        for k, v in res.items(): print(f"{k:12s} {v:10.1f} tokens/s")
-        print(f"ours/TRL {out['ours_vs_trl']:.2f}x   packing/padding {out['packing_gain']:.2f}x")
+        for s, r in rows.items():
+            for k, v in r['tokens_per_s'].items(): print(f"{s:6s} {k:12s} {v:10.1f} tokens/s")
+            print(f"{s:6s} ours/TRL {r['ours_vs_trl']:.2f}x   packing/padding {r['packing_gain']:.2f}x")
     return out
+
+
+# %% ../nbs/07_sft.ipynb #fd620177
+def crop_bench_data(out:str|Path, # folder for images/ and train.json
+                    n:int=1000, seed:int=0, n_images:int=64)->Path:
+    "RefCOCO-style crop-tool conversations on COCO-sized images (files on disk), for memory and speed benchmarks."
+    from PIL import Image, ImageDraw
+    from vlm_nb.sequences import bench_samples, _CROP_SYS
+    from vlm_nb.data import save_samples
+    out = Path(out); (out/'images').mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed); sizes = [(640, 480), (640, 427), (500, 375), (480, 640), (612, 612)]
+    names = []
+    for i in range(n_images):
+        w, h = sizes[i % len(sizes)]; im = Image.new('RGB', (w, h), tuple(int(x) for x in rng.integers(0, 255, 3)))
+        d = ImageDraw.Draw(im)
+        for _ in range(6):
+            x, y = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
+            d.rectangle([x, y, x + int(rng.integers(30, 200)), y + int(rng.integers(30, 200))], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        names.append(f'{i:05d}.jpg'); im.save(out/'images'/names[-1], quality=90)
+    samples, k = [], 0
+    while len(samples) < n:
+        for s in bench_samples(max(64, n), seed + k):
+            if s.system != _CROP_SYS or '<tool_call>' not in s.turns[-1].text: continue
+            s.images = ['images/' + names[len(samples) % n_images]]; s.id = f'crop{len(samples)}'; samples.append(s)
+            if len(samples) == n: break
+        k += 1
+    save_samples(samples, out/'train.json')
+    return out/'train.json'
+
+def _peak_rss_run(cfg_path)->dict:
+    "Run `vlm-nb train sft CFG` in a fresh process; its summary and peak RSS (GB)."
+    import subprocess
+    code = ("import json, resource, sys\nfrom vlm_nb.sft import train_sft_main\nrc = train_sft_main([sys.argv[1], '--json'])\n"
+            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)")
+    env = {**os.environ, 'TOKENIZERS_PARALLELISM': 'false', 'HF_HUB_OFFLINE': '1'}
+    p = subprocess.run([sys.executable, '-c', code, str(cfg_path)], capture_output=True, text=True, env=env)
+    if p.returncode: raise RuntimeError(f"train sft failed: {p.stderr[-2000:]}")
+    lines = p.stdout.splitlines()
+    kb = int(next(l for l in lines if l.startswith('PEAK_RSS_KB')).split()[1])
+    summ = json.loads(next(l for l in lines if l.startswith('{"family"')))
+    return {'peak_rss_gb': round(kb / 2**20, 3), 'summary': summ}
+
+def bench_memory(json:bool=False, # print one JSON object
+                 samples:tuple=(1000, 4000), # dataset sizes to train on
+                 steps:int=2, family:str='internvl3_5', seed:int=0, quick:bool=False)->dict:
+    "Peak RSS of `vlm-nb train sft` (default adapter options, lazy data) at two dataset sizes, and its growth per 1k samples."
+    import json as _json, tempfile
+    from vlm_nb.models import make_tiny, build_tokenizer_dir
+    if quick: samples = (100, 400)
+    d = Path(tempfile.mkdtemp(prefix='vlm_nb_benchmem_'))
+    try:
+        ckpt = make_tiny(family, d/'model', tokenizer_dir=build_tokenizer_dir(family, d/'tok', shared=False))
+        rows = []
+        for n in samples:
+            data = crop_bench_data(d/f'data{n}', n, seed)
+            cfg = {'model': str(ckpt), 'train_data': str(data), 'output_dir': str(d/f'run{n}'), 'max_steps': steps,
+                   'save_steps': 10**6, 'logging_steps': 1, 'progress': False, 'seed': seed}
+            (d/f'cfg{n}.json').write_text(_json.dumps(cfg))
+            t0 = time.perf_counter(); r = _peak_rss_run(d/f'cfg{n}.json'); r['seconds'] = round(time.perf_counter() - t0, 1)
+            rows.append(r)
+    finally: shutil.rmtree(d, ignore_errors=True)
+    a, b = rows[0]['peak_rss_gb'], rows[-1]['peak_rss_gb']
+    out = {'samples': list(samples), 'peak_rss_gb': [r['peak_rss_gb'] for r in rows],
+           'growth_gb_per_1k': round((b - a) / max((samples[-1] - samples[0]) / 1000, 1e-9), 4),
+           'n_train': [r['summary']['n_train'] for r in rows], 'seconds': [r['seconds'] for r in rows],
+           'goal': 'growth_gb_per_1k <= 0.05 and peak at the larger size <= 4 GB'}
+    if json: print(_json.dumps(out))
+    return out
+
 
 # %% ../nbs/07_sft.ipynb #28bb7b84
 _PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10': 125e12, 'B200': 2250e12}
 
 def internvl_1b_config(tokenizer, size:str='1b'):
-    "A transformers `InternVLConfig` with InternVL3.5-1B shapes ('1b') or toy shapes ('tiny') for `tokenizer`."
+    "A transformers `InternVLConfig` with InternVL3.5-1B shapes ('1b'), small ('small') or toy shapes ('tiny') for `tokenizer`."
     import transformers as T
     tid = tokenizer.convert_tokens_to_ids
-    if size == '1b':
+    if size == 'small':   # the layers, not the vocabulary, dominate the step (a CPU-sized stand-in for real models)
+        v = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2)
+        t = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    elif size == '1b':
         v = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
         t = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128)
     else:
