@@ -202,4 +202,5 @@ def test_semantic_dedupe_with_a_local_sentence_transformer():
 
 def test_bench_small():
     b = bench_refcoco(3000, workers=1)
-    assert b['references'] == 3000 and b['candidates'] > 0 and b['kept'] > 0.9 * b['candidates'] and b['refs_per_s'] > 0
+    assert b['references'] == 3000 and b['candidates'] > 0 and b['kept'] > 0.9 * b['candidates']
+    assert b['refs_per_s'] == pytest.approx(3000 / b['seconds'], rel=0.05)   # the rate is the measured time's, not a constant
