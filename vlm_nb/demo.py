@@ -361,17 +361,16 @@ def train_demo_sft(cfg:DemoConfig, base, out, data:str='train.json', # training 
                    steps:int|None=None, # optimizer steps (default `cfg.steps`)
                    seconds:float|None=None # wall-time budget of the training loop (sizes the run; `steps` is then a cap)
                   ) -> dict:
-    "SFT of the base model on `out/data/<data>` into `out/<folder>/final`; returns the training summary."
+    "SFT of the whole base model (vision tower included: it must learn to read) on `out/data/<data>` into `out/<folder>/final`; returns the training summary."
     d = Path(out)/'data'; steps = steps or cfg.steps
     _, ad = load_demo_model(cfg, base)
     b = SequenceBuilder(ad, SequenceConfig(max_length=1024, image_root=str(d)))
     seqs = b.build_many(load_samples(d/data), progress=not cfg.quick)
     timed = seconds is not None
-    sc = SFTConfig(model=str(base), train_data=str(d/data), output_dir=str(Path(out)/folder), adapter=demo_adapter_opts(cfg),
+    sc = SFTConfig(model=str(base), train_data=str(d/data), output_dir=str(Path(out)/folder), adapter=demo_adapter_opts(cfg), freeze=[],
                    max_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_ratio=0.05, weight_decay=0.0,
                    logging_steps=10 if timed else max(1, steps//50), save_steps=10**9 if timed else max(1, steps//4),
-                   save_total_limit=1, seed=cfg.seed, progress=not cfg.quick, max_length=1024,
-                   freeze=[])   # the tiny random vision tower learns too
+                   save_total_limit=1, seed=cfg.seed, progress=not cfg.quick, max_length=1024)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
