@@ -194,3 +194,46 @@ def test_cli(tiny, tmp_path):
     with contextlib.redirect_stderr(err): rc = train_grpo_main([str(cfg), '--loss_type', 'bogus'])
     assert rc == 1 and err.getvalue().startswith('error:') and 'Traceback' not in err.getvalue()
     with contextlib.redirect_stderr(io.StringIO()): assert train_grpo_main([str(tmp_path/'missing.json')]) == 1
+
+
+# ---------------------------------------------------------------- several processes (torchrun, gloo)
+def _grpo_run(tiny, out, steps, nproc):
+    "Run tests/_grpo_dist.py in one process or under torchrun; (summary, [LoRA weights per process])."
+    import socket, subprocess, sys
+    script = str(Path(__file__).parent/'_grpo_dist.py')
+    if nproc == 1: cmd = [sys.executable, script]
+    else:
+        with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(port), script]
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1'}
+    p = subprocess.run(cmd + [tiny, str(out), str(steps)], capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads([l for l in p.stdout.splitlines() if l.startswith('{')][-1])
+    return s, [torch.load(out/f'params-{r}.pt', weights_only=True) for r in range(nproc)]
+
+def test_two_processes_take_the_step_one_process_takes(tiny, tmp_path):
+    "Fixed rollouts, 3 groups per step split 2 + 1 over two gloo processes: the same parameters as one process, and an exact resume."
+    one, (p1,) = _grpo_run(tiny, tmp_path/'one', 1, 1)
+    two, (p2a, p2b) = _grpo_run(tiny, tmp_path/'two', 1, 2)
+    assert (one['world_size'], two['world_size']) == (1, 2)
+    assert any(v.abs().sum() > 0 for k, v in p1.items() if 'lora_B' in k)            # the step changed the (zero-initialised) B
+    for k in p1:
+        assert torch.equal(p2a[k], p2b[k]), k                                         # both processes hold the same weights ...
+        assert torch.allclose(p1[k], p2a[k], rtol=0, atol=1e-5), (k, (p1[k] - p2a[k]).abs().max())   # ... those of one process
+    la, lb = _log(one['log']), _log(two['log'])           # (Adam's first step divides by |g|: float summation order shows at 1e-6)
+    assert lb[0]['grad_norm'] == pytest.approx(la[0]['grad_norm'], rel=1e-5)         # the summed gradient has the whole batch's scale
+    for k in ('reward_mean', 'tool_calls_executed', 'completion_tokens', 'tasks'): assert la[0][k] == lb[0][k], k
+    assert lb[0]['loss'] == pytest.approx(la[0]['loss'], rel=1e-5) and lb[0]['world_size'] == 2
+    one2, (q1,) = _grpo_run(tiny, tmp_path/'one', 2, 1)                                # one more step, resumed, both ways
+    two2, (q2a, _) = _grpo_run(tiny, tmp_path/'two', 2, 2)
+    assert (one2['resumed_from'], two2['resumed_from']) == (1, 1)
+    for k in q1: assert torch.allclose(q1[k], q2a[k], rtol=0, atol=1e-5), k
+    assert _log(two2['log'])[1]['grad_norm'] == pytest.approx(_log(one2['log'])[1]['grad_norm'], rel=1e-5)
+
+def test_loss_weights_over_processes():
+    "One process's share of the batch, weighted with the whole batch's counts, gives the whole batch's weights."
+    m = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]]).bool()
+    for lt in ('grpo', 'token', 'dr_grpo'):
+        whole = loss_weights(m, lt, 3)
+        parts = torch.cat([loss_weights(m[:2], lt, 3, n_rows=3, n_tokens=int(m.sum())), loss_weights(m[2:], lt, 3, n_rows=3, n_tokens=int(m.sum()))])
+        assert torch.allclose(whole, parts), lt
