@@ -268,3 +268,18 @@ def test_eval_tools_cli_tiny_model(synth, tiny, tmp_path, capsys):
     nt = rep['no_tools']['metrics']
     assert nt['turns_per_answer'] == 1.0                      # without tools no result is ever appended
     assert rep['tool_gain'] == pytest.approx(m['answer_accuracy'] - nt['answer_accuracy'])
+
+
+def test_eval_tools_batched_equals_one_by_one(synth, tiny, tmp_path, capsys):
+    "The same report and trajectories whether the samples decode together (batch 4) or one by one (batch 1)."
+    pytest.importorskip('vlm_nb.engine')
+    reps = []
+    for bs in (4, 1):
+        rc, out, err = _run(eval_tools_main, ['--model', tiny, '--data', synth/'tool_data'/'train.json', '--images', synth/'images',
+                                              '--limit', '4', '--seeds', '3', '--max-new-tokens', '10', '--batch-size', str(bs),
+                                              '--json', '--out', tmp_path/f'o{bs}', '--figures', '0'], capsys)
+        assert rc == 0, err
+        reps.append(json.loads(out))
+    assert reps[0]['metrics'] == reps[1]['metrics']
+    texts = lambda d: sorted((f.name, f.read_text()) for f in (d/'trajectories').rglob('*') if f.is_file())
+    assert texts(tmp_path/'o4') == texts(tmp_path/'o1') and len(texts(tmp_path/'o1')) >= 1

@@ -13,6 +13,7 @@ __all__ = ['BENCHMARKS', 'machine_info', 'run_benchmark', 'bench_main']
 BENCHMARKS = {
     'collator': ('vlm_nb.sequences:bench_collator', 'sequence building vs the tokenizer floor (target ratio <= 1.5); padding waste with/without packing'),
     'toolloop': ('vlm_nb.engine:bench_toolloop', 'KV-cached tool loop vs re-prefill at every segment (target speedup >= 2, overhead <= 1.3)'),
+    'rollouts': ('vlm_nb.engine:bench_rollouts', '8 tool-using trajectories one by one vs in the batched loop (target speedup >= 4 on 2 CPU cores, identical tokens)'),
     'train':    ('vlm_nb.sft:bench_train', "tokens/s of vlm_nb's trainer vs TRL SFTTrainer, and the gain from packing"),
     'memory':   ('vlm_nb.sft:bench_memory', 'peak RSS of `vlm-nb train sft` at 1,000 and 4,000 crop samples (target growth <= 0.05 GB per 1k, <= 4 GB)'),
     'refcoco':  ('vlm_nb.refcoco:bench_refcoco', 'template RefCOCO pipeline on 100k references (target < 60 s on 2 cores)'),

@@ -729,21 +729,32 @@ def make_engine(model_dir, # checkpoint folder
     return e.ToolEngine(model, adapter, tools='default' if tools else None, gallery=gallery if tools else None,
                         config=e.GenConfig(**config) if config else None)
 
-def run_tool_eval(engine, # object with `run(images, prompt, **overrides) -> Trajectory`
+def run_tool_eval(engine, # object with `run(images, prompt, **overrides) -> Trajectory` (and `generate_batch` for batched decoding)
                   references: list, # `Reference`s (or samples / records)
                   images_root, # image root folder
                   seeds=(0,), # one run per seed (Avg@k)
-                  progress: bool=False, **overrides) -> dict:
+                  progress: bool=False,
+                  batch_size: int=8, # answers decoded together when the engine has a batched loop (`generate_batch`)
+                  **overrides) -> dict:
     "`{seed: [trajectory per reference]}`; each trajectory's `meta` gets the sample id and the seed."
     from tqdm.auto import tqdm
     refs, out = [as_reference(r) for r in references], {}
+    batched = hasattr(engine, 'generate_batch')
     for seed in seeds:
-        trajs = []
-        for ref in tqdm(refs, desc=f'eval tools (seed {seed})', disable=not progress, leave=False):
-            t = engine.run(sample_images(ref, images_root), ref.question, seed=seed, **overrides)
+        trajs = [None]*len(refs)
+        bar = tqdm(total=len(refs), desc=f'eval tools (seed {seed})', disable=not progress, leave=False)
+        if batched:                  # images are loaded when each answer's row starts; rows refill as answers finish
+            reqs = [((lambda ref=ref: sample_images(ref, images_root)), ref.question) for ref in refs]
+            for j, t in engine.generate_batch(reqs, max_batch=batch_size, seed=seed, **overrides):
+                if isinstance(t, Exception): raise t
+                trajs[j] = t; bar.update(1)
+        else:
+            for j, ref in enumerate(refs):
+                trajs[j] = engine.run(sample_images(ref, images_root), ref.question, seed=seed, **overrides); bar.update(1)
+        bar.close()
+        for ref, t in zip(refs, trajs):
             meta = t.setdefault('meta', {}) if isinstance(t, dict) else getattr(t, 'meta', None)
             if isinstance(meta, dict): meta.update(sample_id=ref.id, seed=seed)
-            trajs.append(t)
         out[seed] = trajs
     return out
 
@@ -858,6 +869,7 @@ def _tools_args(argv):
     p.add_argument('--max-tool-calls', type=int, default=8)
     p.add_argument('--temperature', type=float, default=None, help='sampling temperature (default: the engine\'s)')
     p.add_argument('--greedy', action='store_true', help='greedy decoding (seeds then give identical runs)')
+    p.add_argument('--batch-size', type=int, default=8, help='answers decoded together by a local model (default 8)')
     p.add_argument('--figures', type=int, default=4, help='trajectory strips to draw in --out (default 4)')
     p.add_argument('--out', default=None, help='folder for report.json, report.md, trajectories and figures')
     p.add_argument('--json', action='store_true', help='print the report as JSON')
@@ -913,8 +925,8 @@ def _eval_tools(argv):
             mk = lambda tools: make_engine(a.model, tools, gallery if tools else None, model=model, adapter=ad)
         gen = {'max_new_tokens': a.max_new_tokens, 'max_tool_calls': a.max_tool_calls, 'greedy': a.greedy}
         if a.temperature is not None: gen['temperature'] = a.temperature
-        runs = run_tool_eval(mk(True), refs, a.images, a.seeds, progress=not a.json, **gen)
-        nt_runs = run_tool_eval(mk(False), refs, a.images, a.seeds, progress=not a.json, **gen) if a.no_tools else None
+        runs = run_tool_eval(mk(True), refs, a.images, a.seeds, progress=not a.json, batch_size=a.batch_size, **gen)
+        nt_runs = run_tool_eval(mk(False), refs, a.images, a.seeds, progress=not a.json, batch_size=a.batch_size, **gen) if a.no_tools else None
     score = lambda rr: [score_trajectories(rr[s], refs, gallery) for s in rr]
     rep = tool_report(score(runs), score(nt_runs) if nt_runs else None, model=name, data=str(a.data), seeds=list(runs))
     if a.trajectories:
