@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['FAMILIES', 'HUB_IDS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CHECKPOINT_META', 'check_family', 'find_shared',
-           'family_tokens', 'chat_template', 'build_tokenizer_dir', 'load_tokenizer', 'ImageBlock', 'DecodeState',
-           'FamilyAdapter', 'internvl_grid', 'internvl_tiles', 'InternVLAdapter', 'QwenVLAdapter', 'Qwen3VLAdapter',
-           'mrope_positions', 'get_adapter', 'family_of', 'checkpoint_meta', 'load_model', 'tiny_config', 'make_tiny',
-           'tiny_main', 'OvisAdapter']
+__all__ = ['FAMILIES', 'HUB_IDS', 'TOOL_LAYOUTS', 'DEFAULT_TOOL_LAYOUT', 'TOOL_TURN_OPEN', 'TOOL_TURN_CLOSE', 'IMAGENET_MEAN',
+           'IMAGENET_STD', 'CHECKPOINT_META', 'check_family', 'find_shared', 'family_tokens', 'chat_template',
+           'build_tokenizer_dir', 'load_tokenizer', 'ImageBlock', 'DecodeState', 'check_tool_layout', 'FamilyAdapter',
+           'content_text', 'content_items', 'internvl_grid', 'internvl_tiles', 'InternVLAdapter', 'QwenVLAdapter',
+           'Qwen3VLAdapter', 'mrope_positions', 'get_adapter', 'family_of', 'checkpoint_meta', 'record_tool_layout',
+           'tool_layout_of', 'load_model', 'tiny_config', 'make_tiny', 'tiny_main', 'OvisAdapter']
 
 # %% ../nbs/04_models.ipynb #3fc376dc
 FAMILIES = ('internvl3_5', 'ovis2_5', 'qwen2_5_vl', 'qwen3_vl')
@@ -59,13 +61,31 @@ def family_tokens(family:str # one of `FAMILIES`
 _TOKEN_FILES = {'internvl3_5': 'internvl3_5', 'ovis2_5': 'ovis2_5', 'qwen2_5_vl': 'ovis2_5', 'qwen3_vl': 'ovis2_5'}
 
 # %% ../nbs/04_models.ipynb #78edfbd0
+# Ovis2.5: the official template (list items joined by '\n', thinking before `</think>` stripped from assistant turns
+# unless `keep_thinking=True`), except that string content keeps its `<image>` markers for `encode_with_images`.
+_OVIS_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.role == 'assistant' %}"
+    "{%- if message.content is string %}{%- set content = message.content %}{%- else %}{%- set ns = namespace(c='') %}"
+    "{%- for item in message.content %}{%- if item.type == 'text' %}{%- set ns.c = ns.c ~ item.text %}{%- endif %}{%- endfor %}"
+    "{%- set content = ns.c %}{%- endif %}"
+    "{%- if not (keep_thinking is defined and keep_thinking) %}{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{{- content }}"
+    "{%- elif message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for item in message.content %}{%- if item.type == 'image' or item.type == 'image_url' %}{{- '<image>' }}"
+    "{%- elif item.type == 'text' %}{{- item.text }}{%- endif %}{%- if not loop.last %}{{- '\\n' }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
+
 _IMAGE_TEXT = {'internvl3_5': '<image>\n', 'ovis2_5': '<image>\n',
                'qwen2_5_vl': '<|vision_start|><|image_pad|><|vision_end|>', 'qwen3_vl': '<|vision_start|><|image_pad|><|vision_end|>'}
 
 def chat_template(family:str # one of `FAMILIES`
                  )->str:
     "Our ChatML Jinja chat template for `family` (string content verbatim, image items as the native placeholder)."
-    img = _IMAGE_TEXT[check_family(family)].replace('\n', '\\n')
+    if check_family(family) == 'ovis2_5': return _OVIS_TEMPLATE
+    img = _IMAGE_TEXT[family].replace('\n', '\\n')
     think = ("{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
              if family == 'ovis2_5' else '')
     return ("{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' }}"
@@ -183,37 +203,92 @@ def _normalize(img, mean, std):
     return torch.from_numpy(((a - np.array(mean, np.float32))/np.array(std, np.float32)).transpose(2, 0, 1).copy())
 
 # %% ../nbs/04_models.ipynb #e2d04e95
+TOOL_LAYOUTS = ('inline', 'turn')
+# where a tool result goes: 'inline' = right after `</tool_call>` inside the assistant turn; 'turn' = in a user turn
+# wrapped in <tool_response>…</tool_response> (Qwen3-VL's tool role), the assistant continuing in a new turn.
+DEFAULT_TOOL_LAYOUT = {'internvl3_5': 'inline', 'ovis2_5': 'turn', 'qwen2_5_vl': 'turn', 'qwen3_vl': 'turn'}
+
+def check_tool_layout(layout:str)->str:
+    "Return `layout` if it is one of `TOOL_LAYOUTS`, else raise `ValueError`."
+    if layout not in TOOL_LAYOUTS: raise ValueError(f"unknown tool_layout {layout!r}; expected one of {', '.join(TOOL_LAYOUTS)}")
+    return layout
+
 class FamilyAdapter:
     "Family-specific glue between text, images and a model: blocks, prompts, encoding, forward, KV-cached decoding."
     family = None
     image_marker = '<image>'
     default_system = None   # the system prompt a checkpoint was trained with (from its `vlm_nb.json`), if any
-    def __init__(self, tokenizer, **opts):
+    def __init__(self, tokenizer, tool_layout:str|None=None, **opts):
         self.tokenizer, self.opts = tokenizer, opts
+        self.tool_layout = check_tool_layout(tool_layout or DEFAULT_TOOL_LAYOUT.get(self.family, 'turn'))
         self.eos_ids = [i for i in tokenizer.convert_tokens_to_ids(['<|im_end|>', '<|endoftext|>']) if i is not None]
-    def __repr__(self): return f"{type(self).__name__}(family={self.family!r}, vocab={len(self.tokenizer)})"
+    def __repr__(self): return f"{type(self).__name__}(family={self.family!r}, vocab={len(self.tokenizer)}, tool_layout={self.tool_layout!r})"
     def tid(self, token): return self.tokenizer.convert_tokens_to_ids(token)
     def image_block(self, image, role='image')->ImageBlock: raise NotImplementedError
     def collate_pixels(self, blocks)->dict: raise NotImplementedError
 
 # %% ../nbs/04_models.ipynb #8fbe1167
-from fastcore.basics import patch
+_JOINER = {'ovis2_5': '\n'}                     # between list items (Ovis2.5's official template); others: nothing
+_ITEM_IMAGE = {'internvl3_5': '<image>\n'}       # an image item as marker text (InternVL's template adds a newline)
+
+def content_text(family:str, content, # str, or a list of {'type': 'text'|'image'|'image_url', ...} items
+                 marker:str='<image>')->str:
+    "Message content as text with image markers, rendered the way `family`'s official chat template joins list items."
+    if isinstance(content, str): return content
+    parts = []
+    for it in content:
+        t = it.get('type')
+        if t in ('image', 'image_url'): parts.append(_ITEM_IMAGE.get(family, marker))
+        elif t == 'text': parts.append(it.get('text', ''))
+        else: raise ValueError(f"unsupported content item type {t!r} (text, image, image_url)")
+    return _JOINER.get(family, '').join(parts)
+
+def content_items(family:str, text:str, # text with image markers
+                  marker:str='<image>')->list:
+    "The inverse of `content_text`: list items (`{'type': 'text', 'text'}` / `{'type': 'image'}`) that render as `text`."
+    parts, j, img = text.split(marker), _JOINER.get(family, ''), _ITEM_IMAGE.get(family, marker)
+    tail = img[len(marker):]                       # what the template writes after an image (InternVL: '\n')
+    items = []
+    for i, p in enumerate(parts):
+        if i > 0:
+            items.append({'type': 'image'})
+            if tail and p.startswith(tail): p = p[len(tail):]
+            if j and p.startswith(j): p = p[len(j):]
+        if j and i < len(parts) - 1 and p.endswith(j) and p != j: p = p[:-len(j)]
+        if p and not (j and p == j and 0 < i < len(parts) - 1): items.append({'type': 'text', 'text': p})
+    return items
 
 @patch
-def render_prompt(self:FamilyAdapter, messages:list, # [{'role','content': str}] with '<image>' markers in user text
+def render_prompt(self:FamilyAdapter, messages:list, # [{'role','content'}]: str with '<image>' markers, or a list of items
                   add_generation_prompt:bool=True, # end with '<|im_start|>assistant\n'
-                  enable_thinking:bool|None=None, # Ovis2.5 only: False appends an empty think block
+                  enable_thinking:bool|None=None, # Ovis2.5: False appends an empty think block; None = the official default (off)
+                  keep_thinking:bool=False, # Ovis2.5: keep assistant turns' text before `</think>` (the official template drops it)
                  )->str:
-    "Render `messages` like the family's ChatML chat template at inference."
+    "Render `messages` like the family's chat template at inference."
     out = []
     for m in messages:
         if m['role'] not in ('system', 'user', 'assistant'): raise ValueError(f"unsupported role {m['role']!r}")
-        if not isinstance(m['content'], str): raise TypeError('render_prompt takes string content with <image> markers')
-        out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
+        c = content_text(self.family, m['content'], self.image_marker)
+        if m['role'] == 'assistant' and self.family == 'ovis2_5' and not keep_thinking: c = c.split('</think>')[-1].lstrip('\n')
+        out.append(f"<|im_start|>{m['role']}\n{c}<|im_end|>\n")
     if add_generation_prompt:
         out.append('<|im_start|>assistant\n')
-        if self.family == 'ovis2_5' and enable_thinking is False: out.append('<think>\n\n</think>\n\n')
+        if self.family == 'ovis2_5' and not enable_thinking: out.append('<think>\n\n</think>\n\n')
     return ''.join(out)
+
+TOOL_TURN_OPEN = '<|im_end|>\n<|im_start|>user\n<tool_response>\n'   # 'turn' layout: after `</tool_call>`
+TOOL_TURN_CLOSE = '\n</tool_response><|im_end|>\n'                   # then the generation prompt of the next assistant turn
+_RESP_TAGS = re.compile(r'\A\s*<tool_response>(.*?)(?:</tool_response>)?\s*\Z', re.S)
+
+@patch
+def tool_result_text(self:FamilyAdapter, response:str|None, # a text result as `<tool_response>…</tool_response>`; None: an image result
+                     enable_thinking:bool|None=None, # the thinking mode of the turn ('turn' layout: the next generation prompt)
+                    )->str:
+    "What follows `</tool_call>` in the context for one tool result, in this adapter's `tool_layout` (`image_marker` = the image)."
+    if self.tool_layout == 'inline': return self.image_marker if response is None else response
+    m = _RESP_TAGS.match(response or '')
+    inner = self.image_marker if response is None else (m.group(1) if m else response)
+    return TOOL_TURN_OPEN + inner + TOOL_TURN_CLOSE + self.render_prompt([], True, enable_thinking)
 
 @patch
 def encode_with_images(self:FamilyAdapter, text:str, # prompt text with one `image_marker` per block
@@ -507,9 +582,22 @@ def _adapter_opts(path, family):
 CHECKPOINT_META = 'vlm_nb.json'
 
 def checkpoint_meta(path) -> dict:
-    "What a vlm_nb checkpoint says about how to use it: `{'adapter': {options}, 'system_prompt': str}` (or `{}`)."
+    "What a vlm_nb checkpoint says about how to use it: `{'adapter': {options}, 'system_prompt': str, 'tool_layout': str}` (or `{}`)."
     p = Path(path)/CHECKPOINT_META
     return json.loads(p.read_text()) if p.exists() else {}
+
+def record_tool_layout(path, # checkpoint folder
+                       layout:str, # the adapter's `tool_layout`
+                      )->dict:
+    "Write `layout` into the checkpoint's `vlm_nb.json` (other fields kept); returns the new metadata."
+    meta = {**checkpoint_meta(path), 'tool_layout': check_tool_layout(layout)}
+    tmp = Path(path)/(CHECKPOINT_META + '.tmp'); tmp.write_text(json.dumps(meta, indent=2)); os.replace(tmp, Path(path)/CHECKPOINT_META)
+    return meta
+
+def tool_layout_of(path)->str:
+    "The tool layout a checkpoint folder was trained with: its `vlm_nb.json`, else its family's default."
+    meta = checkpoint_meta(path)
+    return check_tool_layout(meta.get('tool_layout') or meta.get('adapter', {}).get('tool_layout') or DEFAULT_TOOL_LAYOUT[family_of(path)])
 
 def load_model(path:str|Path, # local checkpoint folder (HF format); hub ids in `HUB_IDS` must be downloaded first
                dtype=None, # e.g. torch.bfloat16; None keeps the checkpoint's float32/default
@@ -519,7 +607,8 @@ def load_model(path:str|Path, # local checkpoint folder (HF format); hub ids in 
     if family == 'ovis2_5': _register_ovis()
     tok = load_tokenizer(family, path)
     meta = checkpoint_meta(path)   # adapter options and system prompt the checkpoint was trained with
-    ad = get_adapter(family, tok, **{**_adapter_opts(path, family), **meta.get('adapter', {}), **opts})
+    layout = {'tool_layout': meta['tool_layout']} if meta.get('tool_layout') else {}   # where it was trained to see tool results
+    ad = get_adapter(family, tok, **{**_adapter_opts(path, family), **meta.get('adapter', {}), **layout, **opts})
     ad.default_system = meta.get('system_prompt')
     model = ad.load_model_class().from_pretrained(str(path), dtype=dtype or torch.float32)
     return model.to(device).eval(), ad
@@ -660,7 +749,10 @@ def _make_tiny_ovis(out, tok, seed):
                            pad_token_id=tok.pad_token_id)
     model = Ovis2_5ForCausalLM(cfg)
     model.save_pretrained(str(out))
-    pp = dict(min_pixels=448*448, max_pixels=448*448, patch_size=16, hidden_stride=2, temporal_patch_size=1,
+    # as the official release: `image_processor_type` lets the official remote code's AutoImageProcessor load it
+    pp = dict(image_processor_type='SiglipImageProcessor', processor_class='SiglipProcessor', do_convert_rgb=None,
+              do_normalize=True, do_rescale=True, do_resize=True, resample=2, rescale_factor=1/255, size={'height': 512, 'width': 512},
+              min_pixels=448*448, max_pixels=448*448, patch_size=16, hidden_stride=2, temporal_patch_size=1,
               image_mean=[0.5]*3, image_std=[0.5]*3)
     (out/'preprocessor_config.json').write_text(json.dumps(pp, indent=2))
     return out

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_ovis.ipynb #d79c790d
 from __future__ import annotations
-import math
+import math, re
 from typing import Any
 import numpy as np
 import PIL.Image
