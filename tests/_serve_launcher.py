@@ -3,8 +3,11 @@
 transformers 5.x processors for Qwen-VL always build a *video* processor, and every video processor needs
 torchvision, which this project does not install (images use the PIL backends). Serving images never touches the
 video processor, so this launcher makes `AutoProcessor` skip it (None) when torchvision is absent, then runs the
-unchanged `transformers` CLI with the given arguments."""
-import sys
+unchanged `transformers` CLI with the given arguments.
+
+With `VLM_NB_SERVE_IDS=FILE` set, every prompt the server tokenizes is appended to FILE as one JSON line of token ids
+(the ids `apply_chat_template` returns, images expanded), so tests can compare them with training sequences."""
+import json, os, sys
 from transformers.utils import is_torchvision_available
 
 if not is_torchvision_available():
@@ -18,6 +21,21 @@ if not is_torchvision_available():
     _check = pu.ProcessorMixin.check_argument_for_proper_class
     pu.ProcessorMixin.check_argument_for_proper_class = (
         lambda self, name, arg: None if arg is None and name == 'video_processor' else _check(self, name, arg))
+
+_ids_log = os.environ.get('VLM_NB_SERVE_IDS')
+if _ids_log:
+    import transformers.processing_utils as _pu
+    _apply = _pu.ProcessorMixin.apply_chat_template
+    def _logged_apply(self, *a, **k):
+        out = _apply(self, *a, **k)
+        try:
+            ids = out['input_ids']
+            ids = ids.tolist() if hasattr(ids, 'tolist') else list(ids)
+            if ids and isinstance(ids[0], list): ids = ids[0]
+            with open(_ids_log, 'a') as f: f.write(json.dumps(ids) + '\n')
+        except (KeyError, TypeError, IndexError): pass
+        return out
+    _pu.ProcessorMixin.apply_chat_template = _logged_apply
 
 if __name__ == '__main__':
     from transformers.cli.transformers import main

@@ -15,14 +15,15 @@ from .data import load_image, ImageLoadError, read_dataset, atomic_write_json, r
 from .tools import (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE, ToolCall, ToolResult,
                           ToolCallDetector, ToolRegistry, default_registry, system_prompt, load_gallery,
                           keyed_image, extract_answer)
-from .models import DecodeState, FamilyAdapter, load_model
+from .models import (DecodeState, FamilyAdapter, load_model, check_family, check_tool_layout, content_items, family_of,
+                           tool_layout_of, checkpoint_meta, DEFAULT_TOOL_LAYOUT)
 
 # %% auto #0
 __all__ = ['THINK_NUDGE', 'THINKING_SYSTEM_PROMPT', 'SCHEDULE_COLORS', 'IMAGE_EXTS', 'GenConfig', 'sample_token',
            'ForcedContinuation', 'TextChunk', 'ToolCallEvent', 'ToolResultEvent', 'Finish', 'Step', 'Trajectory',
-           'ToolEngine', 'Request', 'is_oom', 'plot_schedule', 'BatchItem', 'BatchItems', 'batch_items',
-           'run_with_oom_backoff', 'batch_infer', 'frame_indices', 'read_video', 'video_prompt', 'image_data_url',
-           'RemoteEngine', 'infer_main', 'bench_toolloop', 'bench_rollouts']
+           'ToolEngine', 'user_message_text', 'Request', 'is_oom', 'plot_schedule', 'BatchItem', 'BatchItems',
+           'batch_items', 'run_with_oom_backoff', 'batch_infer', 'frame_indices', 'read_video', 'video_prompt',
+           'image_data_url', 'RemoteEngine', 'infer_main', 'bench_toolloop', 'bench_rollouts']
 
 # %% ../nbs/06_engine.ipynb #546b5309
 THINK_NUDGE = "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n</think>\n\n"
@@ -282,13 +283,16 @@ def system_text(self:ToolEngine, thinking=None)->str|None:
     if thinking and self.adapter.family != 'ovis2_5': parts.append(THINKING_SYSTEM_PROMPT)
     return '\n\n'.join(parts) or None
 
-@patch
-def user_text(self:ToolEngine, prompt:str, n_images:int)->str:
+def user_message_text(prompt:str, n_images:int, mk:str='<image>')->str:
     "The user message: `prompt` as is when it already has one `<image>` marker per image, else markers first."
-    mk = self.adapter.image_marker
     if prompt.count(mk) == n_images: return prompt
     if prompt.count(mk): raise ValueError(f"prompt has {prompt.count(mk)} {mk} markers for {n_images} image(s)")
     return mk + '\n' + ''.join(f'{mk}\n' for _ in range(n_images - 1)) + prompt if n_images else prompt
+
+@patch
+def user_text(self:ToolEngine, prompt:str, n_images:int)->str:
+    "The user message: `prompt` as is when it already has one `<image>` marker per image, else markers first."
+    return user_message_text(prompt, n_images, self.adapter.image_marker)
 
 @patch
 def encode_prompt(self:ToolEngine, images:list, prompt:str, thinking=None)->tuple:
@@ -317,11 +321,9 @@ class _Decoder:
 
 @patch
 def result_tokens(self:ToolEngine, res:ToolResult, cfg:GenConfig)->tuple:
-    "(ids, image blocks) that put a tool result into the model's context: an image block, or the `<tool_response>` text."
-    if res.kind == 'image':
-        b = self.adapter.image_block(res.image, role=cfg.crop_role)
-        return list(b.token_ids), [b]
-    return self.adapter.tokenizer.encode(res.response(), add_special_tokens=False), []
+    "(ids, image blocks) that put a tool result into the model's context, in the adapter's tool layout (see `result_ids`)."
+    ids, b, _ = self.result_ids(res, cfg)
+    return ids, ([b] if b is not None else [])
 
 class _Row:
     "One answer's tool loop, independent of how its forwards run: `step(logits)` returns the ids to append next, or None when done."
@@ -394,9 +396,10 @@ class _Row:
                 traj.n_tool_calls += 1
                 t = time.perf_counter(); res = e.registry.execute(self.images, call); traj.timings['tool_s'] += time.perf_counter() - t
             self.events.append(ToolCallEvent(call, traj.n_tool_calls + self.refused))
-            r_ids, r_blocks = e.result_tokens(res, cfg)
-            new_ids += r_ids; new_blocks += r_blocks
-            traj.add('tool_result', res.response() or '', res.image, kind=res.kind, box=res.box, message=res.text, n_tokens=len(r_ids))
+            r_ids, b, at = e.result_ids(res, cfg)           # in the adapter's tool layout ('inline' or 'turn')
+            new_ids += r_ids; new_blocks += [b] if b is not None else []
+            traj.add('tool_result', res.response() or '', res.image, kind=res.kind, box=res.box, message=res.text, n_tokens=len(r_ids),
+                     **({'block': [at, len(b.token_ids)]} if b is not None else {}))
             self.events.append(ToolResultEvent(call, res, traj.n_tool_calls + self.refused, len(r_ids)))
         return self._append(new_ids, new_blocks)
 
@@ -413,6 +416,18 @@ def _new_row(self:ToolEngine, images, prompt:str, logits_processors=None, cfg:Ge
         encoded = (images, *self.encode_prompt(images, prompt, cfg.thinking))
     images, ids, blocks, sys_ = encoded
     return _Row(self, images, prompt, self.logits_processors + list(logits_processors or []), cfg, ids, blocks, sys_)
+
+@patch
+def result_ids(self:ToolEngine, res:ToolResult, cfg:GenConfig)->tuple:
+    "(ids injected after `</tool_call>` for `res` in the adapter's tool layout, the image block or None, the block's offset)."
+    ad = self.adapter
+    if res.kind != 'image':
+        return ad.tokenizer.encode(ad.tool_result_text(res.response(), cfg.thinking), add_special_tokens=False), None, None
+    b = ad.image_block(res.image, role=cfg.crop_role)
+    pre, post = ad.tool_result_text(None, cfg.thinking).split(ad.image_marker)
+    enc = lambda t: ad.tokenizer.encode(t, add_special_tokens=False) if t else []
+    head = enc(pre)
+    return head + list(b.token_ids) + enc(post), b, len(head)
 
 @patch
 def stream(self:ToolEngine, images, # PIL images or paths (one or a list); [] for text only
@@ -889,16 +904,33 @@ class RemoteEngine:
                  api_key:str|None=None, timeout:float=120., max_retries:int=2,
                  dialect:str='openai', # 'openai' (standard fields only) or 'vllm' (top_k, repetition_penalty, continue_final_message)
                  extra_body:dict|None=None, # passed through on every request
-                 client=None # an `openai.OpenAI`-like client (tests)
+                 client=None, # an `openai.OpenAI`-like client (tests)
+                 checkpoint:str|Path|None=None, # a local copy of the served checkpoint: family, tool layout, system prompt
+                 family:str|None=None, # the served model's family (how its template joins content items); default: from `checkpoint`
+                 tool_layout:str|None=None, # default: the checkpoint's, else the family's, else 'turn'; 'inline' is refused with tools
                 ):
         if dialect not in ('openai', 'vllm'): raise ValueError(f"unknown dialect {dialect!r} (openai, vllm)")
+        if checkpoint is not None:
+            family = family or family_of(checkpoint)
+            tool_layout = tool_layout or tool_layout_of(checkpoint)
+            meta_sys = checkpoint_meta(checkpoint).get('system_prompt')
+            if system is None and meta_sys and tools: system = meta_sys      # the prompt it was trained with
+        if family is not None: check_family(family)
+        self.family = family
+        self.tool_layout = check_tool_layout(tool_layout or (DEFAULT_TOOL_LAYOUT[family] if family else 'turn'))
+        if self.tool_layout == 'inline' and _as_registry(tools, gallery):
+            raise ValueError(f"{model}: this model was trained with tool results inline in its assistant turn (tool_layout 'inline'), "
+                             "and an OpenAI-compatible server cannot continue an assistant turn with an image, so it would see a "
+                             "layout it never trained on. Serve a model trained with tool_layout 'turn' (adapter option "
+                             "`tool_layout: turn` in the training config), or run this one locally: vlm-nb infer --model DIR")
         if client is None:
             import openai
             client = openai.OpenAI(base_url=base_url, api_key=api_key or os.environ.get('OPENAI_API_KEY') or 'EMPTY',
                                    timeout=timeout, max_retries=max_retries)
         self.client, self.model, self.registry, self.system = client, model, _as_registry(tools, gallery), system
         self.config, self.dialect, self.extra_body = config or GenConfig(), dialect, dict(extra_body or {})
-    def __repr__(self): return f"RemoteEngine({self.model!r}, dialect={self.dialect!r}, tools={self.registry.names if self.registry else None})"
+    def __repr__(self): return (f"RemoteEngine({self.model!r}, dialect={self.dialect!r}, tool_layout={self.tool_layout!r}, "
+                                f"tools={self.registry.names if self.registry else None})")
     def system_text(self, thinking=None):
         if self.system is not None: return self.system or None
         parts = [system_prompt(list(self.registry))] if self.registry else []
@@ -914,7 +946,8 @@ def _request(self:RemoteEngine, messages, max_tokens, cfg, continuing):
     kw['temperature'] = 0.0 if greedy else cfg.temperature
     if not greedy: kw['top_p'] = cfg.top_p
     body = dict(self.extra_body)
-    if cfg.thinking is not None: body.setdefault('chat_template_kwargs', {})['enable_thinking'] = bool(cfg.thinking)
+    thinking = cfg.thinking if cfg.thinking is not None else (False if self.family == 'ovis2_5' else None)   # Ovis2.5: off, as officially
+    if thinking is not None: body.setdefault('chat_template_kwargs', {})['enable_thinking'] = bool(thinking)
     if self.dialect == 'vllm':
         body.update(skip_special_tokens=False, include_stop_str_in_output=True)
         if not greedy and cfg.top_k: body['top_k'] = cfg.top_k
@@ -928,16 +961,28 @@ def _request(self:RemoteEngine, messages, max_tokens, cfg, continuing):
     return ch.message.content or '', ch.finish_reason, used, prompt_toks
 
 @patch
+def content(self:RemoteEngine, text:str, images:list)->list:
+    "OpenAI content parts for `text` with one `<image>` marker per image, split so the family's template renders `text` exactly."
+    items = content_items(self.family or 'qwen3_vl', text)
+    if sum(it['type'] == 'image' for it in items) != len(images): raise ValueError(f"{len(images)} image(s) for the markers of {text!r}")
+    it_images = iter(images)
+    return [{'type': 'image_url', 'image_url': {'url': image_data_url(next(it_images))}} if it['type'] == 'image' else it for it in items]
+
+@patch
+def tool_message(self:RemoteEngine, res:ToolResult)->dict:
+    "The user message carrying one tool result ('turn' layout): `<tool_response>\\n…\\n</tool_response>` around the image or text."
+    if res.kind == 'image': return {'role': 'user', 'content': self.content(TOOL_RESPONSE_OPEN + '\n<image>\n' + TOOL_RESPONSE_CLOSE, [res.image])}
+    return {'role': 'user', 'content': TOOL_RESPONSE_OPEN + '\n' + (res.text if res.kind == 'text' else f'Error: {res.text}') + '\n' + TOOL_RESPONSE_CLOSE}
+
+@patch
 def stream(self:RemoteEngine, images, prompt:str, **overrides)->Iterator:
     "Remote version of `ToolEngine.stream` (same events and `Trajectory`)."
     cfg = replace(self.config, **overrides) if overrides else self.config
     t0 = time.perf_counter()
     images = _load_images(images)
     sys_ = self.system_text(cfg.thinking)
-    text = re.sub(r'<image>\n?', '', prompt)
     msgs = ([{'role': 'system', 'content': sys_}] if sys_ else []) + \
-           [{'role': 'user', 'content': [{'type': 'image_url', 'image_url': {'url': image_data_url(im)}} for im in images]
-                                        + [{'type': 'text', 'text': text}]}]
+           [{'role': 'user', 'content': self.content(user_message_text(prompt, len(images)), images)}]
     traj = Trajectory(prompt, images, system=sys_, meta={'remote': self.model, 'dialect': self.dialect, 'config': asdict(cfg),
                                                          'tools': self.registry.names if self.registry else []})
     det, assistant, n_new, refused, finish, seg = ToolCallDetector(self.registry.names if self.registry else None), '', 0, 0, None, 0
@@ -985,13 +1030,8 @@ def stream(self:RemoteEngine, images, prompt:str, **overrides)->Iterator:
             yield ToolCallEvent(call, traj.n_tool_calls + refused)
             traj.add('tool_result', res.response() or '', res.image, kind=res.kind, box=res.box, message=res.text)
             yield ToolResultEvent(call, res, traj.n_tool_calls + refused)
-            if res.kind == 'image':
-                msgs += [{'role': 'assistant', 'content': assistant},
-                         {'role': 'user', 'content': [{'type': 'image_url', 'image_url': {'url': image_data_url(res.image)}}]}]
-                assistant = ''
-            else:
-                assistant += res.response()
-                if self.dialect != 'vllm': msgs.append({'role': 'assistant', 'content': assistant}); assistant = ''
+            msgs += [{'role': 'assistant', 'content': assistant}, self.tool_message(res)]   # 'turn' layout
+            assistant = ''
     flush()
     traj.finish_reason, traj.n_new_tokens = finish, n_new
     traj.timings = {'total_s': time.perf_counter() - t0, 'requests': requests}

@@ -449,7 +449,10 @@ def rollout_from_trajectory(traj, # `vlm_nb.engine.Trajectory`
             pending = None
             if s.image is not None: segs.append(('image', '')); images.append(s.image); iroles.append('crop')
             else: segs.append(('tool', s.text))
-            injected.append((IMAGE if s.image is not None else TOOL_RESPONSE, int(s.data.get('n_tokens', 0))))
+            n, blk = int(s.data.get('n_tokens', 0)), s.data.get('block')
+            if s.image is not None and blk:           # 'turn' layout: wrapper text around the image block
+                injected += [(TOOL_RESPONSE, blk[0]), (IMAGE, blk[1]), (TOOL_RESPONSE, n - blk[0] - blk[1])]
+            else: injected.append((IMAGE if s.image is not None else TOOL_RESPONSE, n))
         else:                                       # an engine nudge: injected text
             segs.append(('tool', s.text)); injected.append((TOOL_RESPONSE, int(s.data.get('n_tokens', 0))))
     ids, P = list(traj.ids), traj.prompt_len
@@ -691,6 +694,8 @@ def _save_final(model, adapter, base, out: Path):
         for f in Path(base).iterdir():
             if f.is_file() and not f.name.endswith('.safetensors') and f.name != 'config.json' and not (out/f.name).exists():
                 shutil.copyfile(f, out/f.name)
+    from vlm_nb.models import record_tool_layout
+    record_tool_layout(out, adapter.tool_layout)     # the layout its rollouts used, for `load_model` and `RemoteEngine`
 
 def train_grpo(cfg: GRPOConfig, # the run
                tasks: list|None=None, # tasks (default: from `cfg.data`)

@@ -140,6 +140,7 @@ class SequenceConfig:
     pixels: bool = True         # False: keep token ids only (no pixel tensors)
     tool_images: bool = True    # execute tool calls and inject their results (False: calls stay bare; token statistics only)
     unanswered: str = 'insert'  # a call whose result is not in the data: 'insert' what the engine would return | 'skip' the sample
+    keep_thinking: bool = False # Ovis2.5: keep earlier assistant turns' thinking (its official template drops text before `</think>`)
 
 @dataclass
 class BuildReport:
@@ -324,6 +325,16 @@ def _system_prefix(self:SequenceBuilder, system:str):
 
 # %% ../nbs/05_sequences.ipynb #63da0751
 @patch
+def _result_segs(self:SequenceBuilder, segs:list, role:int, response:str|None, block, enable_thinking):
+    "Append one tool result in the adapter's tool layout: wrapper and text masked, the image block, and (layout 'turn') the `<|im_end|>` closing the assistant turn with the turn's `role`."
+    text = self.adapter.tool_result_text(response, enable_thinking)
+    if text.startswith('<|im_end|>'): segs.append(('i', role, [self.eos_id])); text = text[len('<|im_end|>'):]
+    pieces = text.split(self.marker) if block is not None else [text]
+    for j, piece in enumerate(pieces):
+        if piece: segs.append(('t', TOOL_RESPONSE, piece))
+        if j < len(pieces) - 1: segs.append(('b', IMAGE, block))
+
+@patch
 def _plan(self:SequenceBuilder, s:Sample):
     "The parts of `s` in order: ('t', role, text) | ('i', role, ids) | ('b', IMAGE, block), plus block sources, placeholders, notes."
     groups, msgs = [], []
@@ -342,8 +353,11 @@ def _plan(self:SequenceBuilder, s:Sample):
     imgs, ph = sample_images(s, self.cfg.image_root, self.cfg.missing, self.parse)
     keys = [('placeholder', imgs[i].size) if i in ph else _image_key(im) for i, im in enumerate(s.images)]
     segs, sources, notes, seen, last = [], [], [], 0, len(groups) - 1
+    turn = getattr(self.adapter, 'tool_layout', 'inline') == 'turn'
     for k, (msgs, body) in enumerate(groups):
-        et = None if (not self.cfg.no_think_prompt or body.lstrip().startswith('<think>')) else False
+        history = k < last and self.adapter.family == 'ovis2_5' and not self.cfg.keep_thinking
+        if history: body = body.split('</think>')[-1].lstrip('\n')   # earlier turns as the official template shows them
+        et = history or not (self.cfg.no_think_prompt and not body.lstrip().startswith('<think>'))
         text = self._prompt_text(msgs, k == 0, et)
         if k == 0 and msgs and msgs[0]['role'] == 'system':
             pre = self._system_prefix(msgs[0]['content'])
@@ -356,13 +370,19 @@ def _plan(self:SequenceBuilder, s:Sample):
                 segs.append(('b', IMAGE, self._block(imgs[seen], 'image', keys[seen] if self._cache_images else None)))
                 sources.append('sample'); seen += 1
         role = TRAINED if (self.cfg.train_turns == 'all' or k == last) else CONTEXT
-        for p in split_assistant(body, self.parse):
-            if p.kind == 'text': segs.append(('t', role, p.text))
-            elif p.kind == 'tool_response': segs.append(('t', TOOL_RESPONSE, p.text))
+        parts, fresh = split_assistant(body, self.parse), False   # fresh: a 'turn' result just opened a new assistant turn
+        for i, p in enumerate(parts):
+            if p.kind == 'text' and turn and not p.text.strip() and 0 < i < len(parts) - 1 and \
+               parts[i-1].kind == 'slot' and parts[i+1].kind == 'tool_response': continue   # the result follows the call directly
+            if p.kind == 'text':
+                t = p.text.lstrip() if fresh else p.text    # a new turn starts with text, as a server re-renders the history
+                if t: segs.append(('t', role, t)); fresh = False
+            elif p.kind == 'tool_response': self._result_segs(segs, role, p.text, None, et); fresh = turn
             elif self.cfg.tool_images and not p.answered:
                 kind, part = self._tool_part(p.call, imgs[:seen], tuple(keys[:seen]), notes)
-                if kind == 'b': segs.append(('b', IMAGE, part)); sources.append('tool')
-                else: segs.append(('t', TOOL_RESPONSE, part))
+                if kind == 'b': self._result_segs(segs, role, None, part, et); sources.append('tool')
+                else: self._result_segs(segs, role, part, None, et)
+                fresh = turn
         segs.append(('i', role, [self.eos_id]))
     if seen != len(imgs): raise SkipSample(f"{len(imgs) - seen} image(s) have no place in the rendered prompt")
     return segs, sources, ph, notes
@@ -600,6 +620,8 @@ def masks_main(argv:list|None=None) -> int:
     g.add_argument('--html', default=None, metavar='OUT', help='write a coloured HTML view to OUT')
     p.add_argument('--max-length', type=int, default=8192, help='truncation length in tokens (default 8192)')
     p.add_argument('--last-turn-only', action='store_true', help='train only the last assistant turn')
+    p.add_argument('--tool-layout', choices=('inline', 'turn'), default=None,
+                   help="where tool results go: 'inline' in the assistant turn, 'turn' in a user turn (default: the family's)")
     p.add_argument('--limit', type=int, default=None, help='only the first N samples')
     try: a = p.parse_args(argv)
     except SystemExit as e: return int(e.code or 0)
@@ -609,7 +631,7 @@ def masks_main(argv:list|None=None) -> int:
         if a.images is not None and not Path(a.images).is_dir(): raise FileNotFoundError(f"image root not found: {a.images}")
         ds = read_dataset(path)
         samples = ds.samples[:a.limit] if a.limit is not None else ds.samples
-        ad = _adapter_for(a.family, a.tokenizer)
+        ad = _adapter_for(a.family, a.tokenizer, **({'tool_layout': a.tool_layout} if a.tool_layout else {}))
         b = SequenceBuilder(ad, missing='skip' if a.images else 'placeholder', image_root=a.images or str(path.parent),
                             max_length=a.max_length, train_turns='last' if a.last_turn_only else 'all', pixels=False)
         seqs = b.build_many(samples, align=True)

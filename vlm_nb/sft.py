@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from .data import load_samples, atomic_write_json, atomic_write_text
-from .models import FAMILIES, family_of, load_model, get_adapter, load_tokenizer, checkpoint_meta, CHECKPOINT_META
+from .models import FAMILIES, family_of, load_model, get_adapter, load_tokenizer, checkpoint_meta, CHECKPOINT_META, record_tool_layout
 
 # %% auto #0
 __all__ = ['MODEL_PARTS', 'LORA_PRESETS', 'DEEPSPEED_CONFIGS', 'ATTN_IMPLEMENTATIONS', 'PROCESSOR_FILES', 'LoraSettings',
@@ -742,6 +742,7 @@ def train_sft(cfg:SFTConfig, # the run
         save_tokenizer_files(ad, tmp, cfg.model)
         meta = checkpoint_meta(cfg.model)   # the image budgets training used, for inference, GRPO and evaluation
         atomic_write_json(tmp/CHECKPOINT_META, {**meta, 'adapter': {**meta.get('adapter', {}), **cfg.adapter, **ad.image_options()}})
+        record_tool_layout(tmp, ad.tool_layout)   # where the model learned to see tool results (vlm_nb.json)
         atomic_write_json(tmp/'vlm_nb_train.json', {'family': family, 'mode': cfg.mode, 'base_model': str(Path(cfg.model).resolve()),
                                                    'steps': trainer.state.global_step})
         publish_dir(tmp, final)
