@@ -8,8 +8,9 @@ from vlm_nb.data import Sample, Turn, read_dataset, shared_path
 from vlm_nb.models import FAMILIES, get_adapter, make_tiny, load_model
 from vlm_nb.sequences import *
 
-def adapter(fam):
-    return get_adapter(fam, max_tiles=1) if fam == 'internvl3_5' else get_adapter(fam)
+def adapter(fam, tool_layout='inline'):
+    "The oracles below describe the 'inline' tool layout; `test_turn_layout_cases` checks 'turn'."
+    return get_adapter(fam, max_tiles=1, tool_layout=tool_layout) if fam == 'internvl3_5' else get_adapter(fam, tool_layout=tool_layout)
 
 _ADS = {}
 def ad_for(fam):
@@ -64,7 +65,7 @@ def multi_turn():
 def test_constructed_cases(fam):
     ad = ad_for(fam)
     samples = [case_sample(k, v) for k, v in CASES.items()] + [multi_turn()]
-    b = SequenceBuilder(ad)
+    b = SequenceBuilder(ad, keep_thinking=True)   # Ovis2.5 would drop earlier turns' thinking, as its template
     seqs = b.build_many(samples, align=True)
     assert b.report.skipped == []
     for s, q in zip(samples, seqs):
@@ -103,7 +104,7 @@ def test_last_turn_only_and_prompt_cache(fam):
 def test_shared_samples(fam):
     root = shared_path('samples')
     if root is None: pytest.skip('../shared/samples not present')
-    b = SequenceBuilder(ad_for(fam), missing='placeholder', image_root=root/'images', pixels=False)
+    b = SequenceBuilder(ad_for(fam), missing='placeholder', image_root=root/'images', pixels=False, keep_thinking=True)
     for f in sorted(root.glob('*.json*')):
         ds = read_dataset(f)
         for s, q in zip(ds.samples, b.build_many(ds.samples, align=True)):
@@ -178,7 +179,7 @@ def conversations(draw):
 
 def check_property(ad, case):
     s, trained_text, crops, resps = case
-    q = SequenceBuilder(ad, pixels=False).build(s)
+    q = SequenceBuilder(ad, pixels=False, keep_thinking=True).build(s)
     assert q is not None
     lab = q.labels
     trained = lab != -100
@@ -196,3 +197,23 @@ def check_property(ad, case):
 @given(case=conversations())
 def test_property_random_conversations(fam, case):
     check_property(ad_for(fam), case)
+
+
+_TURN_CLOSE = re.compile(r'</tool_call>\s*(?:<image>)?\s*(?:<tool_response>.*?(?:</tool_response>|\Z))?\s*', re.S)
+
+@pytest.mark.parametrize('fam', ['qwen2_5_vl', 'qwen3_vl', 'internvl3_5'])
+def test_turn_layout_cases(fam):
+    "'turn' layout: every call ends its assistant turn (`<|im_end|>` trained), the result sits in a masked user turn, and the\n    body continues in the next turn without the whitespace after the result (oracle by regex, independent of the builder)."
+    ad = adapter(fam, 'turn')
+    samples = [case_sample(k, v) for k, v in CASES.items()] + [multi_turn()]
+    seqs = SequenceBuilder(ad).build_many(samples, align=True)
+    for s, q in zip(samples, seqs):
+        want = ''.join(_TURN_CLOSE.sub('</tool_call><|im_end|>', t.text) + '<|im_end|>' for t in s.assistant_turns)
+        assert ''.join(q.trained_spans()) == want, s.id
+        assert q.n_images == len(s.images) + n_crops(s)
+        for a, e in q.runs(TOOL_RESPONSE):
+            t = ad.tokenizer.decode(q.input_ids[a:e].tolist())
+            assert t.startswith(('\n<|im_start|>user\n<tool_response>\n', '\n</tool_response><|im_end|>')), t
+            assert t.endswith(('<|im_start|>assistant\n', '<tool_response>\n')), t
+        n_calls = len(re.findall(r'<tool_call>.*?</tool_call>', ''.join(t.text for t in s.assistant_turns)))
+        assert sum(ad.tokenizer.decode(q.input_ids[a:e].tolist()).count('<|im_start|>user\n<tool_response>') for a, e in q.runs(TOOL_RESPONSE)) == n_calls

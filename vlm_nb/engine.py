@@ -41,7 +41,7 @@ class GenConfig:
     "Settings of one tool-augmented generation (CLI flags map one to one)."
     max_new_tokens: int = 1024         # model-written tokens over all segments (injected tool results do not count)
     max_tool_calls: int = 8            # tool calls executed per answer; one more call gets a refusal, the next one stops
-    thinking: bool|None = None         # True/False: thinking on/off (Ovis2.5 renders an empty think block when off); None: model default
+    thinking: bool|None = None         # True/False: thinking on/off (Ovis2.5 renders an empty think block when off); None: the family's official default (Ovis2.5: off)
     thinking_budget: int|None = None   # with thinking on: tokens before `</think>` after which `THINK_NUDGE` is inserted
     greedy: bool = False               # argmax decoding (ignores temperature/top_p/top_k)
     temperature: float = 0.6           # sampling temperature (0 also means greedy)
@@ -1073,8 +1073,9 @@ def _infer_parser():
     tl.add_argument('--no-tools', action='store_true', help='plain generation without tools')
     tl.add_argument('--gallery', metavar='FILE', help='gallery JSON for Identify (see vlm_nb.tools)')
     g = p.add_argument_group('generation')
-    g.add_argument('--thinking', action='store_true', help='thinking mode on')
-    g.add_argument('--no-thinking', action='store_true', help='thinking mode off (Ovis2.5: empty think block)')
+    g.add_argument('--thinking', action='store_true', help="thinking mode on (default: the model's official default; "
+                   'for Ovis2.5 that is off, as in its official code)')
+    g.add_argument('--no-thinking', action='store_true', help='thinking mode off (Ovis2.5: empty think block; its default)')
     g.add_argument('--thinking-budget', type=int, metavar='N', help='tokens of thinking before the answer is forced')
     g.add_argument('--max-tool-calls', type=int, default=8, metavar='N')
     g.add_argument('--max-new-tokens', type=int, default=1024, metavar='N')
