@@ -367,7 +367,7 @@ def train_demo_sft(cfg:DemoConfig, base, out, data:str='train.json', # training 
     b = SequenceBuilder(ad, SequenceConfig(max_length=1024, image_root=str(d)))
     seqs = b.build_many(load_samples(d/data), progress=not cfg.quick)
     timed = seconds is not None
-    sc = SFTConfig(model=str(base), train_data=str(d/data), output_dir=str(Path(out)/folder), adapter=demo_adapter_opts(cfg), freeze=[],
+    sc = SFTConfig(model=str(base), train_data=str(d/data), output_dir=str(Path(out)/folder), adapter=demo_adapter_opts(cfg), freeze=[], group_by_length=False,
                    max_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_ratio=0.05, weight_decay=0.0,
                    logging_steps=10 if timed else max(1, steps//50), save_steps=10**9 if timed else max(1, steps//4),
                    save_total_limit=1, seed=cfg.seed, progress=not cfg.quick, max_length=1024)
