@@ -32,7 +32,7 @@ def test_infer_cli_json_and_errors(work, tiny_ovis):
     assert (work/'traj'/'trajectory.json').exists()
     assert 'Considering the limited time by the user' in d['text']          # budget 3 < 6 tokens: the nudge went in
     for argv, msg in [(['--model', tiny_ovis, '--image', work/'missing.png', '--prompt', 'x'], 'error: image not found'),
-                      (['--model', work/'nomodel', '--image', img, '--prompt', 'x'], 'error: not a checkpoint folder'),
+                      (['--model', work/'nomodel', '--image', img, '--prompt', 'x'], f"error: {work/'nomodel'}: no such model folder"),
                       (['--model', tiny_ovis, '--image', img], 'error: --prompt is required'),
                       (['--model', tiny_ovis, '--input', work], 'error: --input needs --out')]:
         rc, out, err = _cli(*argv)

@@ -8,7 +8,7 @@ import sys, os, importlib, argparse, json, shutil, subprocess, html, re
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['COMMANDS', 'register_command', 'main', 'render_docs', 'docs_main']
+__all__ = ['COMMANDS', 'register_command', 'main', 'project_root', 'render_docs', 'docs_main']
 
 # %% ../nbs/15_cli.ipynb #265ac2ae
 COMMANDS = {
@@ -116,6 +116,16 @@ def _strip_directives(nb):
     nb.cells = keep
     return nb
 
+def project_root(start=None # where to look from (default: the current folder)
+                )->Path:
+    "The vlm_nb checkout holding `start` (the folder with its settings.ini), else the one the package runs from."
+    here = Path(start or Path.cwd()).resolve()
+    for d in [here, *here.parents, Path(__file__).resolve().parent.parent if '__file__' in globals() else here]:
+        ini = d/'settings.ini'
+        if ini.exists() and re.search(r'^lib_name\s*=\s*vlm_nb\s*$', ini.read_text(), re.M): return d
+    raise FileNotFoundError('the documentation is built from the vlm_nb source checkout (settings.ini, nbs/): run '
+                            '`vlm-nb docs` inside a clone of the repository or from an editable install')
+
 def render_docs(out, # output folder
                 nbs=None, # notebook folder (default: the project's nbs/)
                 use_quarto: bool|None=None # force or forbid quarto; default: use it when on PATH
@@ -126,6 +136,11 @@ def render_docs(out, # output folder
     from nbdev.config import get_config
     from nbdev.quarto import proc_nbs
     out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
+    here = Path.cwd(); os.chdir(project_root())       # nbdev finds its settings from the current folder
+    try: return _render_docs(out, nbs, use_quarto)
+    finally: os.chdir(here)
+
+def _render_docs(out, nbs, use_quarto):
     if use_quarto is None: use_quarto = shutil.which('quarto') is not None
     if use_quarto:
         subprocess.run(['nbdev_docs'], check=True)

@@ -20,7 +20,7 @@ __all__ = ['SHARED', 'ROLE_MAP', 'MAX_IMAGE_PIXELS', 'shared_path', 'Turn', 'Sam
 # %% ../nbs/00_data.ipynb #c2ec9a42
 def _find_shared() -> Path|None:
     env = os.environ.get('VLM_NB_SHARED')
-    if env: return Path(env) if Path(env).exists() else None
+    if env is not None: return Path(env) if env and Path(env).exists() else None   # empty: hidden on purpose
     here = Path(__file__).resolve() if '__file__' in globals() else Path.cwd().resolve()
     for p in [here, *here.parents][:6]:
         cand = p/'shared'

@@ -1114,7 +1114,6 @@ def _infer(argv):
     if a.image and not Path(a.image).exists(): raise ValueError(f'image not found: {a.image}')
     if a.server: eng = RemoteEngine(a.server, a.served_model, tools, a.gallery, config=cfg, timeout=a.timeout, dialect=a.dialect)
     else:
-        if not (Path(a.model)/'config.json').exists(): raise ValueError(f'not a checkpoint folder (no config.json): {a.model}')
         model, ad = load_model(a.model)
         eng = ToolEngine(model, ad, tools, a.gallery, config=cfg)
     if a.input:

@@ -16,7 +16,8 @@ from .tools import (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RE
                           ToolRegistry, AnnotationGallery, parse_tool_calls, pair_responses, response_text,
                           keyed_image, load_gallery, extract_answer, answer_match, normalize_answer)
 from .sequences import PROMPT, TRAINED, TOOL_RESPONSE, IMAGE, CONTEXT
-from .sft import LoraSettings, apply_overrides
+from .sft import LoraSettings, apply_overrides, config_path, config_yaml
+from .models import CHECKPOINT_META, checkpoint_meta, resolve_model
 
 # %% auto #0
 __all__ = ['CROP_CALL_COST', 'REWARD_FUNCS', 'Rollout', 'simulate_rollout', 'GRPOTask', 'task_from_record', 'synthetic_tasks',
@@ -519,7 +520,7 @@ def prepare_policy(cfg: GRPOConfig, model=None, adapter=None) -> tuple:
         if cfg.model.startswith('tiny:'):
             base = Path(cfg.output_dir)/'base_model'
             if not (base/'config.json').exists(): make_tiny(cfg.model[5:], base, seed=cfg.seed)
-        else: base = Path(cfg.model)
+        else: base = resolve_model(cfg.model).path    # a checkpoint, LoRA adapter or run folder
         model, adapter = load_model(base, dtype=getattr(torch, cfg.dtype), **cfg.adapter)
     if cfg.mode == 'lora' and not hasattr(model, 'disable_adapter'):
         from vlm_nb.sft import apply_lora
@@ -692,8 +693,14 @@ def _save_final(model, adapter, base, out: Path):
     model.save_pretrained(str(out))
     if base is not None:
         for f in Path(base).iterdir():
-            if f.is_file() and not f.name.endswith('.safetensors') and f.name != 'config.json' and not (out/f.name).exists():
-                shutil.copyfile(f, out/f.name)
+            if (f.is_file() and not f.name.endswith('.safetensors') and f.name not in ('config.json', 'adapter_config.json')
+                and not (out/f.name).exists()): shutil.copyfile(f, out/f.name)
+    # vlm_nb.json: used as trained (the base's adapter options and system prompt), and a LoRA adapter names its base
+    lora = hasattr(model, 'peft_config')
+    meta = {**(checkpoint_meta(base) if base is not None else {}), 'family': adapter.family, 'mode': 'lora' if lora else 'full'}
+    meta.pop('base_model', None)
+    if lora and base is not None: meta['base_model'] = str(Path(base).resolve())
+    atomic_write_json(out/CHECKPOINT_META, meta)
     from vlm_nb.models import record_tool_layout
     record_tool_layout(out, adapter.tool_layout)     # the layout its rollouts used, for `load_model` and `RemoteEngine`
 
@@ -811,13 +818,15 @@ def train_grpo_main(argv: list|None=None # command-line arguments after `vlm-nb 
         'only, KL to a reference (beta) or reference-free. Any GRPOConfig field can be overridden as --key value '
         '(dotted for rewards.* and lora.*). CONFIG may be "-" for defaults (a tiny random model on synthetic scenes).',
         epilog='example: vlm-nb train grpo grpo.yaml --steps 50 --num_generations 8 --rewards.crop 1.0')
-    p.add_argument('config', help='JSON or YAML config file, or - for defaults')
+    p.add_argument('config', help='JSON or YAML config file, the shipped example grpo, or - for defaults')
     p.add_argument('--json', action='store_true', help='print the summary as JSON')
     p.add_argument('--dry-run', action='store_true', help='print the resolved config and exit')
+    p.add_argument('--print-config', action='store_true', help='print the resolved config as commented YAML and exit')
     try: a, rest = p.parse_known_args(argv)
     except SystemExit as e: return int(e.code or 0)
     try:
-        cfg = load_grpo_config(None if a.config == '-' else a.config, rest)
+        cfg = load_grpo_config(None if a.config == '-' else config_path(a.config), rest)
+        if a.print_config: print(config_yaml(cfg)); return 0
         if a.dry_run: print(json.dumps(asdict(cfg), indent=None if a.json else 2)); return 0
         s = train_grpo(cfg)
     except (FileNotFoundError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:

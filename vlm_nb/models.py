@@ -17,8 +17,9 @@ __all__ = ['FAMILIES', 'HUB_IDS', 'TOOL_LAYOUTS', 'DEFAULT_TOOL_LAYOUT', 'TOOL_T
            'IMAGENET_STD', 'CHECKPOINT_META', 'check_family', 'find_shared', 'family_tokens', 'chat_template',
            'build_tokenizer_dir', 'load_tokenizer', 'ImageBlock', 'DecodeState', 'check_tool_layout', 'FamilyAdapter',
            'content_text', 'content_items', 'internvl_grid', 'internvl_tiles', 'InternVLAdapter', 'QwenVLAdapter',
-           'Qwen3VLAdapter', 'mrope_positions', 'get_adapter', 'family_of', 'checkpoint_meta', 'record_tool_layout',
-           'tool_layout_of', 'load_model', 'tiny_config', 'make_tiny', 'tiny_main', 'OvisAdapter']
+           'Qwen3VLAdapter', 'mrope_positions', 'ModelRef', 'resolve_model', 'get_adapter', 'family_of',
+           'checkpoint_meta', 'record_tool_layout', 'tool_layout_of', 'load_model', 'tiny_config', 'make_tiny',
+           'tiny_main', 'OvisAdapter']
 
 # %% ../nbs/04_models.ipynb #3fc376dc
 FAMILIES = ('internvl3_5', 'ovis2_5', 'qwen2_5_vl', 'qwen3_vl')
@@ -543,6 +544,52 @@ def decode_positions(self:QwenVLAdapter, next_pos:list)->torch.Tensor:
     "3-D positions [3, B, 1] of one new text token per row: `next_pos` on all three axes."
     return torch.tensor(next_pos, dtype=torch.long)[None, :, None].expand(3, -1, -1)
 
+# %% ../nbs/04_models.ipynb #f57c34cd
+@dataclass
+class ModelRef:
+    "A model folder as resolved: the folder itself and, for a LoRA adapter, the base model it applies to."
+    path: Path               # the checkpoint or adapter folder
+    base: Path|None = None   # a LoRA adapter's base model (itself any model folder), else None
+    @property
+    def kind(self)->str: return 'lora' if self.base is not None else 'checkpoint'
+    @property
+    def config_dir(self)->Path:
+        "The folder whose `config.json` describes the architecture (for a LoRA adapter, its base's)."
+        return self.path if self.base is None else resolve_model(self.base).config_dir
+
+_MODEL_FIX = 'pass a checkpoint folder (config.json), a LoRA adapter folder (adapter_config.json) or a training run folder (OUT, holding OUT/final)'
+
+def resolve_model(path:str|Path # a checkpoint folder, a LoRA adapter folder or a training run folder
+                 )->ModelRef:
+    "What `path` names: a full checkpoint, a LoRA adapter (with its base model) or a run folder (resolved to its `final`)."
+    p = Path(path).expanduser()
+    if not p.is_dir(): raise FileNotFoundError(f"{p}: no such model folder; {_MODEL_FIX}")
+    is_model = lambda d: (d/'config.json').exists() or (d/'adapter_config.json').exists()
+    if not is_model(p) and (p/'final').is_dir(): p = p/'final'
+    if (p/'adapter_config.json').exists():
+        base = checkpoint_meta(p).get('base_model') or json.loads((p/'adapter_config.json').read_text()).get('base_model_name_or_path')
+        merge = f"or merge it into a standalone checkpoint: vlm-nb train merge {p} --base BASE --out DIR"
+        if not base: raise FileNotFoundError(f"{p}: LoRA adapter that names no base model; set base_model in {p/CHECKPOINT_META} {merge}")
+        b = Path(base).expanduser()
+        if not b.is_absolute() and not b.exists() and (p/b).exists(): b = p/b
+        if not b.is_dir(): raise FileNotFoundError(f"{p}: the base model of this LoRA adapter, {base}, is missing; put it back, "
+                                                   f"point base_model in {p/CHECKPOINT_META} at it, {merge}")
+        return ModelRef(p, b)
+    if (p/'config.json').exists(): return ModelRef(p)
+    ck = sorted(p.glob('checkpoint-*'), key=lambda c: int(c.name.split('-')[-1]) if c.name.split('-')[-1].isdigit() else -1)
+    hint = f"; the run has no final model yet (interrupted?): rerun the training command to resume, or use {ck[-1]}" if ck else ''
+    raise FileNotFoundError(f"{p}: not a model folder (no config.json, adapter_config.json or final/){hint}; {_MODEL_FIX}")
+
+def _load_lora(ref:ModelRef, dtype, device, merge, **opts):
+    "Load a LoRA adapter on its base model (merged in memory unless `merge=False`)."
+    from peft import PeftModel
+    meta = checkpoint_meta(ref.path)
+    model, ad = load_model(ref.base, dtype=dtype, **{**meta.get('adapter', {}), **opts})
+    model = PeftModel.from_pretrained(model, str(ref.path))
+    if merge: model = model.merge_and_unload()
+    ad.default_system = meta.get('system_prompt', ad.default_system)
+    return model.to(device).eval(), ad
+
 # %% ../nbs/04_models.ipynb #5945777e
 _MODEL_TYPES = {'internvl': 'internvl3_5', 'qwen2_5_vl': 'qwen2_5_vl', 'qwen3_vl': 'qwen3_vl', 'ovis2_5': 'ovis2_5'}
 _ADAPTERS = {'internvl3_5': InternVLAdapter, 'qwen2_5_vl': QwenVLAdapter, 'qwen3_vl': Qwen3VLAdapter}
@@ -562,8 +609,9 @@ def get_adapter(family:str, tokenizer=None, **opts)->FamilyAdapter:
     return _ADAPTERS[family](tokenizer if tokenizer is not None else load_tokenizer(family), **opts)
 
 def family_of(path:str|Path)->str:
-    "The family of the checkpoint folder `path` (from its config.json `model_type`)."
+    "The family of the model folder `path` (from its config.json `model_type`; see `resolve_model`)."
     p = Path(path)/'config.json'
+    if not p.exists() and Path(path).is_dir(): p = resolve_model(path).config_dir/'config.json'
     if not p.exists(): raise FileNotFoundError(f"no config.json in {path}")
     mt = json.loads(p.read_text()).get('model_type')
     if mt == 'internvl_chat':
@@ -599,10 +647,15 @@ def tool_layout_of(path)->str:
     meta = checkpoint_meta(path)
     return check_tool_layout(meta.get('tool_layout') or meta.get('adapter', {}).get('tool_layout') or DEFAULT_TOOL_LAYOUT[family_of(path)])
 
-def load_model(path:str|Path, # local checkpoint folder (HF format); hub ids in `HUB_IDS` must be downloaded first
+def load_model(path:str|Path, # a checkpoint, LoRA adapter or training run folder (`resolve_model`); hub ids in `HUB_IDS` must be downloaded first
                dtype=None, # e.g. torch.bfloat16; None keeps the checkpoint's float32/default
-               device:str='cpu', **opts):
-    "Load a checkpoint folder -> (model in eval mode, adapter)."
+               device:str='cpu',
+               merge:bool=True, # a LoRA adapter: merge it into the base weights (False keeps the peft model)
+               **opts):
+    "Load a trained model -> (model in eval mode, adapter)."
+    ref = resolve_model(path)
+    if ref.base is not None: return _load_lora(ref, dtype, device, merge, **opts)
+    path = ref.path
     family = family_of(path)
     if family == 'ovis2_5': _register_ovis()
     tok = load_tokenizer(family, path)

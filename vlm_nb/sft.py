@@ -13,6 +13,7 @@ import torch
 from fastcore.basics import patch
 from .data import load_samples, atomic_write_json, atomic_write_text
 from .models import FAMILIES, family_of, load_model, get_adapter, load_tokenizer, checkpoint_meta, CHECKPOINT_META, record_tool_layout
+from .models import resolve_model
 
 # %% auto #0
 __all__ = ['MODEL_PARTS', 'LORA_PRESETS', 'DEEPSPEED_CONFIGS', 'ATTN_IMPLEMENTATIONS', 'PROCESSOR_FILES', 'LoraSettings',
@@ -21,8 +22,9 @@ __all__ = ['MODEL_PARTS', 'LORA_PRESETS', 'DEEPSPEED_CONFIGS', 'ATTN_IMPLEMENTAT
            'default_cache_dir', 'plan_sequences', 'pack_rows', 'SFTCollator', 'TrainStatsCallback',
            'EpochLengthSampler', 'VLMTrainer', 'configs_dir', 'write_deepspeed_configs', 'deepspeed_config',
            'last_checkpoint', 'training_arguments', 'set_attention', 'prepare_model', 'copy_processor_files',
-           'save_tokenizer_files', 'staging_dir', 'publish_dir', 'image_token_stats', 'param_shard', 'sft_dataset',
-           'train_sft', 'merge_lora', 'train_sft_main', 'train_merge_main', 'bench_train', 'crop_bench_data',
+           'save_tokenizer_files', 'staging_dir', 'publish_dir', 'data_system_prompt', 'trained_model_meta',
+           'image_token_stats', 'param_shard', 'sft_dataset', 'train_sft', 'merge_lora', 'config_yaml',
+           'example_configs', 'config_path', 'train_sft_main', 'train_merge_main', 'bench_train', 'crop_bench_data',
            'bench_memory', 'internvl_1b_config', 'gpu_train_bench']
 
 # %% ../nbs/07_sft.ipynb #6dc957ff
@@ -672,6 +674,30 @@ def publish_dir(tmp:str|Path, # a complete folder (e.g. `staging_dir(final)`)
         except OSError: pass
     return final
 
+# %% ../nbs/07_sft.ipynb #d398cdff
+def data_system_prompt(path:str|Path, # a dataset file
+                       n:int=2000, # samples looked at
+                      )->str|None:
+    "The most common system prompt among the first `n` samples of `path` (None when they have none)."
+    from collections import Counter
+    try: systems = Counter(s.system for s in load_samples(path)[:n] if s.system)
+    except (OSError, ValueError): return None
+    return systems.most_common(1)[0][0] if systems else None
+
+def trained_model_meta(cfg, # the run's config (SFT or GRPO: `model`, `mode`, `adapter`, optional `train_data`/`tool_layout`)
+                       family:str, # the model family
+                      )->dict:
+    "The `vlm_nb.json` of a trained model: family, mode, adapter options, system prompt, tool layout, LoRA base."
+    base = resolve_model(cfg.model)
+    old = checkpoint_meta(base.path)
+    meta = {'family': family, 'mode': cfg.mode, 'adapter': {**old.get('adapter', {}), **(cfg.adapter or {})}}
+    system = (data_system_prompt(cfg.train_data) if getattr(cfg, 'train_data', None) else None) or old.get('system_prompt')
+    if system: meta['system_prompt'] = system
+    layout = getattr(cfg, 'tool_layout', None) or old.get('tool_layout')
+    if layout: meta['tool_layout'] = layout
+    if cfg.mode in ('lora', 'qlora'): meta['base_model'] = str(base.path.resolve())
+    return meta
+
 # %% ../nbs/07_sft.ipynb #a498632d
 def _world_size()->int: return int(os.environ.get('WORLD_SIZE', '1'))
 
@@ -739,9 +765,10 @@ def train_sft(cfg:SFTConfig, # the run
     if trainer.is_world_process_zero(): shutil.rmtree(tmp.parent, ignore_errors=True)
     trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
-        save_tokenizer_files(ad, tmp, cfg.model)
-        meta = checkpoint_meta(cfg.model)   # the image budgets training used, for inference, GRPO and evaluation
-        atomic_write_json(tmp/CHECKPOINT_META, {**meta, 'adapter': {**meta.get('adapter', {}), **cfg.adapter, **ad.image_options()}})
+        save_tokenizer_files(ad, tmp, resolve_model(cfg.model).path)
+        meta = trained_model_meta(cfg, family)   # how to use it: see `trained_model_meta`
+        meta['adapter'] = {**meta['adapter'], **ad.image_options()}   # the image budgets training used
+        atomic_write_json(tmp/CHECKPOINT_META, meta)
         record_tool_layout(tmp, ad.tool_layout)   # where the model learned to see tool results (vlm_nb.json)
         atomic_write_json(tmp/'vlm_nb_train.json', {'family': family, 'mode': cfg.mode, 'base_model': str(Path(cfg.model).resolve()),
                                                    'steps': trainer.state.global_step})
@@ -782,6 +809,49 @@ def merge_lora(adapter_dir:str|Path, # a LoRA adapter folder (e.g. output_dir/fi
     copy_processor_files([adapter_dir, base], out)
     return out
 
+# %% ../nbs/07_sft.ipynb #cb298211
+_FIELD_HELP = {'epochs': 'passes over the training data (max_steps > 0 overrides)', 'lr': 'peak learning rate',
+               'weight_decay': 'AdamW weight decay', 'scheduler': "learning-rate schedule: 'cosine' | 'linear' | 'constant' ...",
+               'max_grad_norm': 'gradient clipping norm', 'gradient_checkpointing': 'recompute activations to save memory',
+               'logging_steps': 'log loss and throughput every N steps', 'seed': 'random seed',
+               'temperature': 'sampling temperature of the rollouts', 'top_p': 'nucleus sampling (1.0: off)',
+               'top_k': 'top-k sampling (0: off)', 'clip_eps': 'PPO clip range of the probability ratio',
+               'dtype': "weights as loaded: 'float32' | 'bfloat16'", 'rewards': 'reward weights'}
+
+def _field_comments(cls)->dict:
+    "Field name -> the comment written beside it in the dataclass source (or a short help)."
+    import inspect
+    try: src = inspect.getsource(cls)
+    except (OSError, TypeError): src = ''
+    found = dict(re.findall(r'^\s+(\w+)\s*:[^#\n]*#\s*(.+)$', src, re.M))
+    return {f.name: found.get(f.name) or _FIELD_HELP.get(f.name) or str(f.type) for f in dataclasses.fields(cls)}
+
+def config_yaml(cfg, # a config dataclass (`SFTConfig`, `GRPOConfig`, ...)
+                indent:int=0)->str:
+    "`cfg` as YAML with a comment per field (what `--print-config` writes; `load_config` reads it back)."
+    import yaml
+    pad, lines = ' ' * indent, []
+    for name, note in _field_comments(type(cfg)).items():
+        v = getattr(cfg, name)
+        if dataclasses.is_dataclass(v): lines += [f'{pad}{name}:  # {note}', config_yaml(v, indent + 2)]
+        else:
+            val = yaml.safe_dump(v, default_flow_style=True, width=10**9).strip().removesuffix('...').strip()
+            lines.append(f'{pad}{name}: {val}  # {note}')
+    return '\n'.join(lines)
+
+def example_configs()->dict:
+    "Name -> path of the example configs shipped in `vlm_nb/configs/`."
+    return {p.stem: p for p in sorted(configs_dir().glob('*.yaml'))}
+
+def config_path(name:str|Path # a config file, or the name of a shipped example (`example_configs`)
+               )->Path:
+    "The config file `name` names: a path, else a shipped example; a clear error listing the examples otherwise."
+    p = Path(name)
+    if p.exists() or p.suffix: return p
+    ex = example_configs()
+    if str(name) in ex: return ex[str(name)]
+    raise FileNotFoundError(f"{name}: no such config file or shipped example (examples: {', '.join(ex)})")
+
 # %% ../nbs/07_sft.ipynb #a4db1d7e
 def train_sft_main(argv:list|None=None)->int:
     "CLI `vlm-nb train sft CONFIG [--key value ...]`."
@@ -789,15 +859,16 @@ def train_sft_main(argv:list|None=None)->int:
         'vision-language model on tool-calling conversations. CONFIG is a JSON or YAML file of SFTConfig fields; any field '
         'can be overridden as --key value (nested: --lora.r 16). Rerunning the same command resumes from the newest checkpoint. '
         'Multi-GPU: torchrun --nproc_per_node N -m vlm_nb.sft CONFIG ... (or accelerate launch / deepspeed).')
-    p.add_argument('config', help='JSON or YAML config file')
+    p.add_argument('config', nargs='?', help='JSON or YAML config file, or the name of a shipped example (' + ', '.join(n for n in example_configs() if n.startswith('sft')) + ')')
     p.add_argument('--json', action='store_true', help='print the run summary as JSON')
-    p.add_argument('--print-config', action='store_true', help='print the resolved config and exit')
+    p.add_argument('--print-config', action='store_true', help='print the resolved config (defaults, CONFIG, overrides) as commented YAML and exit')
     argv = list(sys.argv[1:] if argv is None else argv)
     try: a, rest = p.parse_known_args(argv)
     except SystemExit as e: return int(e.code or 0)
     try:
-        cfg = load_config(a.config, rest)
-        if a.print_config: print(json.dumps(asdict(cfg), indent=2)); return 0
+        if a.config is None and not a.print_config: p.print_usage(sys.stderr); print('error: CONFIG is required', file=sys.stderr); return 2
+        cfg = load_config(config_path(a.config) if a.config else None, rest)
+        if a.print_config: print(json.dumps(asdict(cfg), indent=2) if a.json else config_yaml(cfg)); return 0
         summary = train_sft(cfg)
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr); return 2
@@ -1001,8 +1072,9 @@ def gpu_train_bench(size:str='1b', # '1b' (InternVL3.5-1B shapes) | 'tiny' (CPU 
     n_params = sum(p.numel() for p in model.parameters())
     img = [ad.tid('<img>')] + [ad.image_token_id]*256 + [ad.tid('</img>')]
     g = torch.Generator().manual_seed(0)
+    hi = min(tok.vocab_size, 150000) - 1; lo = min(1000, hi // 2)   # ordinary tokens only, also in a small fallback vocabulary
     def batch():
-        ids = torch.randint(1000, min(len(tok), 150000) - 1, (batch_size, seq_len), generator=g)
+        ids = torch.randint(lo, hi, (batch_size, seq_len), generator=g)
         ids[:, 10:10 + len(img)] = torch.tensor(img)
         labels = ids.clone(); labels[:, :10 + len(img)] = -100
         return {'input_ids': ids.to(dev), 'labels': labels.to(dev), 'attention_mask': torch.ones_like(ids).to(dev),

@@ -360,6 +360,7 @@ def webui_parser()->argparse.ArgumentParser:
     p.add_argument('--max-pixels', type=int, default=MAX_IMAGE_PIXELS, help='refuse images with more pixels')
     p.add_argument('--replay', action='append', default=[], help='trajectory folder/JSON or eval run to preload (repeatable)')
     p.add_argument('--script', default=None, help='test hook: force the model to write this text first')
+    p.add_argument('--check', action='store_true', help='load the model and build the UI, then exit without serving (exit 0: ready)')
     return p
 
 def make_engine(args):
@@ -394,6 +395,7 @@ def webui_main(argv:list|None=None # arguments after `vlm-nb webui`
                         max_new_tokens=args.max_new_tokens)
     except (ValueError, OSError, ImportError) as e:
         print(f'error: {e}', file=sys.stderr); return 2
+    if args.check: print(f'web UI ready ({args.model or args.server or "replays"}); not serving (--check)'); return 0
     if args.host not in ('127.0.0.1', 'localhost', '::1'):
         print(f'warning: serving on {args.host}: anyone who can reach this machine can use the model', file=sys.stderr)
     print(f'vlm_nb web UI on http://{args.host}:{args.port}', flush=True)
