@@ -7,7 +7,7 @@ from conftest import chromium, CHROME_FLAGS, ROOT
 @pytest.fixture(scope='module')
 def site(tmp_path_factory, cli):
     out = tmp_path_factory.mktemp('site')
-    r = cli('docs', '--out', out, '--no-quarto', '--json', cwd=ROOT, timeout=900)
+    r = cli('docs', '--out', out, '--no-quarto', '--json', cwd=ROOT/'vlm_nb'/'builtin_tools', timeout=900)   # any folder inside the repo
     assert r.returncode == 0, r.stderr[-2000:]
     return out, json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -35,3 +35,19 @@ def test_page_in_headless_chromium(site, artifacts):
     from PIL import Image
     im = Image.open(shot).convert('L'); lo, hi = im.getextrema()
     assert im.size == (1200, 900) and hi - lo > 100   # not a blank page
+
+def test_executed_pages_show_figures(tmp_path):
+    "With execute=True the cells run first, so a page shows what they display: text and matplotlib figures."
+    import nbformat
+    from vlm_nb.cli import render_docs
+    src = tmp_path/'nbs'; src.mkdir()
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell('# Figures\n\n> a page with a plot'),
+        nbformat.v4.new_code_cell('import matplotlib\nmatplotlib.use("Agg")\nimport matplotlib.pyplot as plt\n'
+                                  'fig, ax = plt.subplots(); ax.plot([1, 3, 2]); fig'),
+        nbformat.v4.new_code_cell('#| slow\nraise RuntimeError("slow cells are skipped, as in the tests")'),
+        nbformat.v4.new_code_cell('6 * 7')])
+    nbformat.write(nb, src/'01_fig.ipynb')
+    page = (render_docs(tmp_path/'site', nbs=src, use_quarto=False, execute=True).parent/'01_fig.html').read_text()
+    assert '<img' in page and 'data:image/png;base64' in page and '42' in page and page.count('RuntimeError') == 1   # the slow cell's source, not its error
+    plain = (render_docs(tmp_path/'site2', nbs=src, use_quarto=False).parent/'01_fig.html').read_text()
+    assert 'data:image/png' not in plain            # without execute: code and prose only

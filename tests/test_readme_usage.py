@@ -25,10 +25,17 @@ def test_usage_commands_run_verbatim(tmp_path):
     # `vlm-nb` as installed by the README; a checkout without the console script runs the same module
     prelude = '' if shutil.which('vlm-nb') else f'vlm-nb() {{ "{sys.executable}" -m vlm_nb.cli "$@"; }}\n'
     for cmd in cmds:
-        r = subprocess.run(['bash', '-o', 'pipefail', '-c', prelude + cmd], cwd=tmp_path, env=env, capture_output=True,
+        r = subprocess.run(['bash', '-o', 'pipefail', '-c', 'umask 022\n' + prelude + cmd], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=900)
         assert r.returncode == 0, f"README command failed (exit {r.returncode}): {cmd}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
     meta = json.loads((tmp_path/'run'/'final'/'vlm_nb.json').read_text())
     assert meta['mode'] == 'lora' and meta['base_model'] == str((tmp_path/'tiny').resolve()) and meta['system_prompt']
     assert json.loads((tmp_path/'grpo_run'/'final'/'vlm_nb.json').read_text())['base_model'] == str((tmp_path/'run'/'final').resolve())
     assert (tmp_path/'_site'/'index.html').exists() and (tmp_path/'eval').is_dir() and (tmp_path/'masks.html').exists()
+    # everything written is readable by colleagues, as a plain open would make it under umask 022
+    private = [str(f.relative_to(tmp_path)) for f in tmp_path.rglob('*') if f.is_file() and f.stat().st_mode & 0o777 == 0o600]
+    assert not private, private[:10]
+    # and git ignores what the README makes users create in a checkout
+    made = sorted(p.name for p in tmp_path.iterdir()) + ['demo_run']
+    r = subprocess.run(['git', 'check-ignore', '--no-index', *made], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(r.stdout.split()) == sorted(made), set(made) - set(r.stdout.split())

@@ -8,7 +8,7 @@ import sys, os, importlib, argparse, json, shutil, subprocess, html, re
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['COMMANDS', 'register_command', 'main', 'project_root', 'render_docs', 'docs_main']
+__all__ = ['COMMANDS', 'register_command', 'main', 'project_root', 'render_docs', 'execute_notebook', 'docs_main']
 
 # %% ../nbs/15_cli.ipynb #265ac2ae
 COMMANDS = {
@@ -128,19 +128,44 @@ def project_root(start=None # where to look from (default: the current folder)
 
 def render_docs(out, # output folder
                 nbs=None, # notebook folder (default: the project's nbs/)
-                use_quarto: bool|None=None # force or forbid quarto; default: use it when on PATH
+                use_quarto: bool|None=None, # force or forbid quarto; default: use it when on PATH
+                execute: bool=False, # run each notebook first, so pages show its outputs and figures (as long as the tests)
                ) -> Path:
     "Render every notebook to a static HTML site with a navigation index; returns DIR/index.html."
+    out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
+    nbs = Path(nbs).resolve() if nbs else None
+    here = Path.cwd(); os.chdir(project_root())       # nbdev finds its settings from the current folder
+    try: return _render_docs(out, nbs, use_quarto, execute)
+    finally: os.chdir(here)
+
+def execute_notebook(nbp:Path, # a notebook, rewritten with its outputs
+                     cwd:Path, # folder the cells run in (the source notebook's)
+                    )->bool:
+    "Run the cells of `nbp` as `nbdev_test` does (no slow/GPU cells, no `eval: false`), keep their outputs; True if none failed."
+    from execnb.shell import CaptureShell
+    from execnb.nbio import write_nb
+    from nbdev.process import NBProcessor
+    from nbdev.frontmatter import FrontmatterProc
+    from nbdev.config import get_config
+    skip = set(get_config().get('tst_flags', '').split())
+    def no_eval(cell):
+        if cell.cell_type != 'code' or 'nbdev_export(' in cell.source: return True
+        d = getattr(cell, 'directives_', {}) or {}
+        return d.get('eval:', [''])[0].lower() == 'false' or bool(skip & d.keys())
+    nb = NBProcessor(nbp, procs=FrontmatterProc, process=True).nb
+    sh, here = CaptureShell(nbp), Path.cwd()
+    os.chdir(cwd)
+    try: sh.run_all(nb, exc_stop=False, preproc=no_eval)
+    finally: os.chdir(here)
+    for c in nb.cells: c.pop('directives_', None)
+    write_nb(nb, nbp)
+    return sh.exc is None
+
+def _render_docs(out, nbs, use_quarto, execute=False):
     import nbformat
     from nbconvert import HTMLExporter
     from nbdev.config import get_config
     from nbdev.quarto import proc_nbs
-    out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
-    here = Path.cwd(); os.chdir(project_root())       # nbdev finds its settings from the current folder
-    try: return _render_docs(out, nbs, use_quarto)
-    finally: os.chdir(here)
-
-def _render_docs(out, nbs, use_quarto):
     if use_quarto is None: use_quarto = shutil.which('quarto') is not None
     if use_quarto:
         subprocess.run(['nbdev_docs'], check=True)
@@ -148,6 +173,14 @@ def _render_docs(out, nbs, use_quarto):
         shutil.copytree(site, out, dirs_exist_ok=True); return out/'index.html'
     cfg = get_config()
     src = Path(nbs or cfg.nbs_path)
+    if execute:                                   # run copies of the notebooks (in their own folder), render the copies
+        import tempfile
+        ran = Path(tempfile.mkdtemp(prefix='vlm_nb_docs_'))
+        for f in sorted(src.glob('*.ipynb')):
+            shutil.copyfile(f, ran/f.name)
+            if f.name.startswith('_') or f.stem == 'index': continue
+            if not execute_notebook(ran/f.name, src): print(f'warning: {f.stem}: a cell failed; its page shows the error', file=sys.stderr)
+        src = ran
     proc = proc_nbs(path=str(src), n_workers=0, force=True)
     pages = []
     for nbp in sorted(proc.glob('*.ipynb')):
@@ -176,8 +209,10 @@ def docs_main(argv=None):
     p.add_argument('--out', default='_site', help='output folder (default: _site)')
     p.add_argument('--no-quarto', action='store_true', help='do not use quarto even if it is installed')
     p.add_argument('--json', action='store_true', help='print {"index": path, "pages": n} as JSON')
+    p.add_argument('--execute', action='store_true', help="run the notebooks first so pages show their outputs and figures "
+                   "(takes as long as the notebook tests; without it pages show the code and prose only)")
     a = p.parse_args(argv)
-    try: idx = render_docs(a.out, use_quarto=False if a.no_quarto else None)
+    try: idx = render_docs(a.out, use_quarto=False if (a.no_quarto or a.execute) else None, execute=a.execute)
     except Exception as e: print(f'error: docs build failed: {type(e).__name__}: {e}', file=sys.stderr); return 1
     n = len(list(idx.parent.glob('*.html')))
     print(json.dumps({'index': str(idx), 'pages': n}) if a.json else f'wrote {n} pages; open {idx}')

@@ -13,9 +13,10 @@ from PIL import Image, ImageFile
 # %% auto #0
 __all__ = ['SHARED', 'ROLE_MAP', 'MAX_IMAGE_PIXELS', 'shared_path', 'Turn', 'Sample', 'record_to_sample', 'sample_to_record',
            'qna_to_samples', 'samples_to_qna', 'DataFormatError', 'Dataset', 'read_jsonl', 'read_dataset',
-           'load_samples', 'dataset_records', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
-           'write_dataset', 'save_samples', 'convert_box', 'to_pixels', 'from_pixels', 'box_area', 'iou', 'union_box',
-           'clamp_box', 'is_valid_box', 'ResizeInfo', 'ImageLoadError', 'resolve_image_path', 'load_image']
+           'load_samples', 'dataset_records', 'file_mode', 'respect_umask', 'atomic_write_bytes', 'atomic_write_text',
+           'atomic_write_json', 'write_dataset', 'save_samples', 'convert_box', 'to_pixels', 'from_pixels', 'box_area',
+           'iou', 'union_box', 'clamp_box', 'is_valid_box', 'ResizeInfo', 'ImageLoadError', 'resolve_image_path',
+           'load_image']
 
 # %% ../nbs/00_data.ipynb #c2ec9a42
 def _find_shared() -> Path|None:
@@ -189,7 +190,7 @@ def qna_to_samples(d: dict, # one QnA JSONL record
                   'answer_key': akey, 'qna_extra': {k: v for k, v in q.items() if k not in ('Q', akey)},
                   'image_key': 'image_path' if 'image_path' in d else 'image', 'implicit_image': True, 'index': line}
         sid = f"{d.get('image_id', line)}_{j}" if len(d['QnA']) > 1 else str(d.get('image_id', line))
-        out.append(Sample(turns, [img] if img else [], [], None, dict(top), layout | {'qna_id': sid}))
+        out.append(Sample(turns, [img] if img else [], [], q.get('id'), dict(top), layout | {'qna_id': sid}))   # a question's own id, if any
     return out
 
 def samples_to_qna(samples: list # samples read by `qna_to_samples` (or new ones)
@@ -211,6 +212,7 @@ def samples_to_qna(samples: list # samples read by `qna_to_samples` (or new ones
             ak = s.layout.get('answer_key') or 'A3'
             q = {'Q': u} | dict(s.layout.get('qna_extra', {}))
             if a is not None: q[ak] = a.text
+            if s.id is not None and 'id' not in q: q['id'] = s.id      # keeps sample ids through format round trips
             qk = s.layout.get('qna_keys')
             if qk: q = {k: q[k] for k in qk if k in q} | {k: v for k, v in q.items() if k not in qk}
             rec['QnA'].append(q)
@@ -309,12 +311,26 @@ def dataset_records(ds: Dataset, fmt: str|None=None) -> list:
     return samples_to_qna(ds.samples) if fmt == 'qna' else [sample_to_record(s, fmt) for s in ds.samples]
 
 # %% ../nbs/00_data.ipynb #fbee1611
+def file_mode()->int:
+    "The mode a plain `open(path, 'w')` gives a new file: 0o666 minus the process umask."
+    m = os.umask(0o22); os.umask(m)
+    return 0o666 & ~m
+
+def respect_umask(path:str|Path # a file, or a folder whose files are all fixed
+                 )->Path:
+    "Give files written through a private temporary file (ours, safetensors') the mode a plain `open` would."
+    p = Path(path); mode = file_mode()
+    for f in ([p] if p.is_file() else [q for q in p.rglob('*') if q.is_file()]):
+        if f.stat().st_mode & 0o777 == 0o600 and mode != 0o600: os.chmod(f, mode)
+    return p
+
 def atomic_write_bytes(path, data: bytes):
     "Write bytes to `path` atomically (temp file + fsync + rename)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f: f.write(data); f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())             # mkstemp makes 0600 files; colleagues should read what we write
         os.replace(tmp, path)
     except BaseException:
         try: os.unlink(tmp)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
-from .data import Sample, iou, clamp_box, load_image, atomic_write_json, atomic_write_text, read_jsonl
+from .data import Sample, iou, clamp_box, load_image, atomic_write_json, atomic_write_text, read_jsonl, respect_umask
 from .tools import (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE, ToolResult,
                           ToolRegistry, AnnotationGallery, parse_tool_calls, pair_responses, response_text,
                           keyed_image, load_gallery, extract_answer, answer_match, normalize_answer)
@@ -326,7 +326,7 @@ def policy_loss(logp, old_logp, advantages, mask, # [B, T], [B, T], [B], [B, T]
 @dataclass
 class GRPOConfig:
     "Everything a GRPO run needs, with defaults."
-    model: str = 'tiny:qwen2_5_vl'   # checkpoint folder (HF format, e.g. an SFT'd model), or 'tiny:<family>' (random tiny model)
+    model: str = 'tiny:qwen2_5_vl'   # a checkpoint, LoRA adapter or SFT run folder (see `resolve_model`), or 'tiny:<family>' (random tiny model)
     data: str = 'synthetic'          # tool dataset file (llava JSON/JSONL with <answer>), or 'synthetic' (in-memory scenes)
     image_root: str|None = None      # root of relative image paths (default: the data file's folder)
     gallery: str|None = None         # gallery JSON for Identify (synthetic data builds its own)
@@ -703,6 +703,7 @@ def _save_final(model, adapter, base, out: Path):
     atomic_write_json(out/CHECKPOINT_META, meta)
     from vlm_nb.models import record_tool_layout
     record_tool_layout(out, adapter.tool_layout)     # the layout its rollouts used, for `load_model` and `RemoteEngine`
+    respect_umask(out.parent)          # checkpoints too: safetensors writes 0600
 
 def train_grpo(cfg: GRPOConfig, # the run
                tasks: list|None=None, # tasks (default: from `cfg.data`)

@@ -256,6 +256,7 @@ def generate_identity(annotations, # RefCOCO annotations (folder or file), eithe
             iid = _shard_task(t); bar.update(); on_shard and on_shard(iid)
     bar.close()
     splits, gallery = {'train': [], 'val': [], 'test': []}, new_gallery(seed)
+    gallery['image_root'] = str(Path(images).resolve())     # lets Identify find uploads of these images by their pixels
     rep = {'seed': seed, 'fingerprint': fp, 'kinds': list(kinds), 'images_with_persons': len(imgs), 'missing_images': 0,
            'skipped_images': {},
            'persons': 0, 'unaskable_persons': 0, 'questions': 0, 'samples': {}, 'question_types': {}, 'rejected': {}}

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 from fastcore.basics import patch
+from .data import respect_umask
 
 # %% auto #0
 __all__ = ['FAMILIES', 'HUB_IDS', 'TOOL_LAYOUTS', 'DEFAULT_TOOL_LAYOUT', 'TOOL_TURN_OPEN', 'TOOL_TURN_CLOSE', 'IMAGENET_MEAN',
@@ -739,14 +740,14 @@ def make_tiny(family:str, # one of `FAMILIES`
         if not (out/'chat_template.jinja').exists(): (out/'chat_template.jinja').write_text(chat_template(family))
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(out))
-    if family == 'ovis2_5': return _make_tiny_ovis(out, tok, seed)
+    if family == 'ovis2_5': return respect_umask(_make_tiny_ovis(out, tok, seed))   # safetensors writes 0600
     torch.manual_seed(seed)
     model = get_adapter(family, tok).load_model_class()(tiny_config(family, tok))
     model.generation_config.eos_token_id = get_adapter(family, tok).eos_ids
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(str(out))
     _processor_files(family, out, tok)
-    return out
+    return respect_umask(out)                           # safetensors writes 0600; a plain open would not
 
 # %% ../nbs/04_models.ipynb #238b25d7
 def tiny_main(argv:list|None=None)->int:

@@ -17,12 +17,12 @@ __all__ = ['COCO_NAMES', 'EVAL_SPLITS', 'SPATIAL_WORDS', 'COLOR_WORDS', 'ACTION_
            'GEN_PROMPT', 'LEGACY_CALL', 'PLACEHOLDER', 'LEFTOVER', 'REFINE_PROMPT', 'METRIC_KEYS', 'normalize_ref',
            'refs_from_images', 'load_references', 'decide_split', 'group_by_image', 'dedupe_exact', 'dedupe_semantic',
            'merge_objects', 'SentenceEmbedder', 'expression_score', 'rank_expressions', 'number_objects', 'fmt_box',
-           'annotation_text', 'build_entries', 'merge_stats', 'Generator', 'TemplateGenerator', 'parse_qa_reply',
-           'GenerationError', 'ChatGenerator', 'OpenAIChat', 'stub_reply', 'StubChatServer', 'HFChat', 'resolve_object',
-           'grow_box', 'crop_call', 'repair_answer', 'mask_calls', 'unmask_calls', 'leaked_keys', 'refine_answer',
-           'crop_system_prompt', 'to_conversation', 'FilterConfig', 'sample_metrics', 'filter_reasons', 'RefcocoConfig',
-           'process_entry', 'quality_report', 'plot_quality', 'find_image', 'run_refcoco', 'prepare_entries',
-           'gen_refcoco_main', 'synthetic_references', 'bench_refcoco']
+           'annotation_text', 'build_entries', 'merge_stats', 'bare_expression', 'Generator', 'TemplateGenerator',
+           'parse_qa_reply', 'GenerationError', 'ChatGenerator', 'OpenAIChat', 'stub_reply', 'StubChatServer', 'HFChat',
+           'resolve_object', 'grow_box', 'crop_call', 'repair_answer', 'mask_calls', 'unmask_calls', 'leaked_keys',
+           'refine_answer', 'crop_system_prompt', 'to_conversation', 'FilterConfig', 'sample_metrics', 'filter_reasons',
+           'RefcocoConfig', 'process_entry', 'quality_report', 'plot_quality', 'find_image', 'run_refcoco',
+           'prepare_entries', 'gen_refcoco_main', 'synthetic_references', 'bench_refcoco']
 
 # %% ../nbs/10_refcoco.ipynb #62161a6f
 COCO_NAMES = {1: 'person', 2: 'bicycle', 3: 'car', 4: 'motorcycle', 5: 'airplane', 6: 'bus', 7: 'train', 8: 'truck',
@@ -239,6 +239,12 @@ def _position(box, size) -> str:
 
 def _image_rng(seed, image_id): return random.Random(f'{seed}:{image_id}')
 
+def bare_expression(e:str # a referring expression, e.g. 'the green star.' or 'a man in red'
+                   )->str:
+    "The expression without a leading article or trailing punctuation, to follow 'the' in a template."
+    e = re.sub(r'\s+', ' ', e.strip().rstrip('.?!,;:')).strip()
+    return re.sub(r'^(the|a|an)\s+', '', e, flags=re.I)
+
 Q_SINGLE = ['What is the {d} doing in this picture?', 'Can you describe the {d} in more detail?',
             'What stands out about the {d}?', 'Where is the {d}, and what does it look like up close?']
 Q_PAIR = ['How is the {d1} positioned relative to the {d2}?', 'What can you tell about the {d1} and the {d2} together?']
@@ -256,7 +262,7 @@ class TemplateGenerator(Generator):
                  pair: bool=True): self.per_image, self.pair = per_image, pair
     def config(self): return {'generator': self.name, 'per_image': self.per_image, 'pair': self.pair}
     def _answer(self, objs, size, rng):
-        ds = [o['sentences'][0] if o['sentences'] else o['category'] for o in objs]
+        ds = [bare_expression(o['sentences'][0]) if o['sentences'] else o['category'] for o in objs]
         call = '{Crop ' + ', '.join(o['key'] for o in objs) + '}'
         if len(objs) == 1:
             o, d = objs[0], ds[0]; pos = _position(o['bbox'], size)
@@ -274,11 +280,11 @@ class TemplateGenerator(Generator):
     def generate(self, entry, seed=0):
         rng, objs, out = _image_rng(seed, entry['image_id']), entry['objects'], []
         for o in rng.sample(objs, min(self.per_image, len(objs))):
-            d = o['sentences'][0] if o['sentences'] else o['category']
+            d = bare_expression(o['sentences'][0]) if o['sentences'] else o['category']
             out.append({'Q': rng.choice(Q_SINGLE).format(d=d), 'A': self._answer([o], entry['size'], rng), 'targets': [o['key']]})
         if self.pair and len(objs) >= 2:
             a, b = rng.sample(objs, 2)
-            d1, d2 = [o['sentences'][0] if o['sentences'] else o['category'] for o in (a, b)]
+            d1, d2 = [bare_expression(o['sentences'][0]) if o['sentences'] else o['category'] for o in (a, b)]
             out.append({'Q': rng.choice(Q_PAIR).format(d1=d1, d2=d2), 'A': self._answer([a, b], entry['size'], rng), 'targets': [a['key'], b['key']]})
         return out
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastcore.basics import patch
-from .data import load_samples, atomic_write_json, atomic_write_text
+from .data import load_samples, atomic_write_json, atomic_write_text, respect_umask
 from .models import FAMILIES, family_of, load_model, get_adapter, load_tokenizer, checkpoint_meta, CHECKPOINT_META, record_tool_layout
 from .models import resolve_model
 
@@ -40,7 +40,7 @@ class LoraSettings:
 @dataclass
 class SFTConfig:
     "Everything an SFT run needs; every field has a default except the model and data paths."
-    model: str = ''                 # checkpoint folder (HF format) of one of `FAMILIES`
+    model: str = ''                 # a checkpoint, LoRA adapter or training run folder (see `resolve_model`) of one of `FAMILIES`
     train_data: str = ''            # dataset file (llava / messages / QnA JSON(L)), see `vlm_nb.data.read_dataset`
     eval_data: str|None = None      # optional eval dataset (enables eval during training and early stopping)
     image_root: str|None = None     # root for relative image paths (default: the dataset file's folder)
@@ -773,6 +773,7 @@ def train_sft(cfg:SFTConfig, # the run
         atomic_write_json(tmp/'vlm_nb_train.json', {'family': family, 'mode': cfg.mode, 'base_model': str(Path(cfg.model).resolve()),
                                                    'steps': trainer.state.global_step})
         publish_dir(tmp, final)
+        respect_umask(out)              # safetensors writes weights 0600: make them what a plain open would
     logs = [h for h in trainer.state.log_history if 'loss' in h]
     import torch.distributed as dist
     backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
@@ -807,7 +808,7 @@ def merge_lora(adapter_dir:str|Path, # a LoRA adapter folder (e.g. output_dir/fi
     tok_src = adapter_dir if (adapter_dir/'tokenizer_config.json').exists() else base
     load_tokenizer(ad.family, tok_src).save_pretrained(str(out))
     copy_processor_files([adapter_dir, base], out)
-    return out
+    return respect_umask(out)
 
 # %% ../nbs/07_sft.ipynb #cb298211
 _FIELD_HELP = {'epochs': 'passes over the training data (max_steps > 0 overrides)', 'lr': 'peak learning rate',

@@ -18,10 +18,10 @@ __all__ = ['TOOL_CALL_OPEN', 'TOOL_CALL_CLOSE', 'TOOL_RESPONSE_OPEN', 'TOOL_RESP
            'parse_call_at', 'parse_tool_calls', 'ToolCallDetector', 'tool_response_spans', 'pair_responses',
            'response_text', 'format_tool_call', 'format_tool_response', 'extract_answer', 'normalize_answer',
            'answer_match', 'box_to_original', 'ToolResult', 'as_result', 'execute_call', 'image_key', 'keyed_image',
-           'ToolBase', 'plan_crop', 'Gallery', 'AnnotationGallery', 'histogram_embedding', 'EmbeddingGallery',
-           'load_gallery', 'UnknownToolError', 'is_tool', 'ToolRegistry', 'builtin_tools_dir', 'make_registry',
-           'default_registry', 'get_tool', 'system_prompt', 'tool_schema', 'tool_schemas', 'tools_list_main',
-           'tools_parse_main']
+           'ToolBase', 'plan_crop', 'Gallery', 'AnnotationGallery', 'pixel_hash', 'histogram_embedding',
+           'EmbeddingGallery', 'load_gallery', 'UnknownToolError', 'is_tool', 'ToolRegistry', 'builtin_tools_dir',
+           'make_registry', 'default_registry', 'get_tool', 'system_prompt', 'tool_schema', 'tool_schemas',
+           'tools_list_main', 'tools_parse_main']
 
 # %% ../nbs/01_tools.ipynb #bcd52548
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = '<tool_call>', '</tool_call>'
@@ -570,7 +570,7 @@ class AnnotationGallery:
     def __init__(self, images: dict|None=None, # {image key: [{'bbox': [x1, y1, x2, y2], 'name': str}, ...]}
                  threshold: float=0.5 # minimal IoU between the query box and a known box
                 ):
-        self.images, self.threshold, self._index = {}, threshold, {}
+        self.images, self.threshold, self._index, self.image_root = {}, threshold, {}, None
         for k, entries in (images or {}).items():
             for e in entries: self.add(k, e['bbox'], e['name'])
 
@@ -589,13 +589,46 @@ class AnnotationGallery:
     def identify(self, img, box, key=None) -> str|None:
         "Name of the best-overlapping known box in this image, or None."
         key = key if key is not None else image_key(img)
-        best = max(((iou(box, e['bbox']), e['name']) for e in self.entries(key)), default=(0., None))
+        known = self.entries(key) or self.entries_by_content(img)     # an upload or a renamed copy: by its pixels
+        best = max(((iou(box, e['bbox']), e['name']) for e in known), default=(0., None))
         return best[1] if best[0] >= self.threshold else None
 
-    def to_dict(self) -> dict: return {'kind': self.kind, 'version': 1, 'threshold': self.threshold, 'images': self.images}
+    def to_dict(self) -> dict:
+        return {'kind': self.kind, 'version': 1, 'threshold': self.threshold, 'images': self.images} | (
+               {'image_root': str(self.image_root)} if self.image_root else {})
     def save(self, path): return atomic_write_json(path, self.to_dict())
     def __len__(self): return sum(map(len, self.images.values()))
     def _repr_markdown_(self): return f"**AnnotationGallery** — {len(self)} named boxes in {len(self.images)} images, IoU ≥ {self.threshold}"
+
+# %% ../nbs/01_tools.ipynb #c802834e
+def pixel_hash(img:Image.Image # a decoded image
+              )->str:
+    "A hash of the image's RGB pixels: equal for every file, format or upload that decodes to the same picture."
+    im = img if img.mode == 'RGB' else img.convert('RGB')
+    return hashlib.sha1(f'{im.size}'.encode() + im.tobytes()).hexdigest()[:24]
+
+def _index_images(self, root=None # folder the gallery's image keys are relative to (default: `image_root`)
+                 )->int:
+    "Hash the pixels of every gallery image found under `root`, for lookups by content; returns how many were found."
+    self._by_hash = getattr(self, '_by_hash', {})
+    root = root or self.image_root
+    if not root: return 0
+    for k in self.images:
+        p = Path(root)/k
+        if not p.is_file(): continue
+        try:
+            with Image.open(p) as im: self._by_hash[pixel_hash(im)] = k
+        except (OSError, ValueError, Image.DecompressionBombError): continue
+    return len(self._by_hash)
+
+def _entries_by_content(self, img)->list:
+    "The known boxes of the gallery image whose pixels equal `img`'s, or []."
+    if not isinstance(img, Image.Image) or not self.images: return []
+    if not hasattr(self, '_by_hash'): self.index_images()
+    k = self._by_hash.get(pixel_hash(img))
+    return self.images.get(k, []) if k else []
+
+AnnotationGallery.index_images, AnnotationGallery.entries_by_content = _index_images, _entries_by_content
 
 # %% ../nbs/01_tools.ipynb #47c965bc
 @classmethod
@@ -665,7 +698,8 @@ def load_gallery(path, # JSON written by a gallery's `save`
     "Load a saved gallery of either kind."
     d = json.loads(Path(path).read_text(encoding='utf-8'))
     kind = d.get('kind', 'annotation')
-    if kind == 'annotation': return AnnotationGallery(d.get('images', {}), d.get('threshold', 0.5))
+    if kind == 'annotation':
+        g = AnnotationGallery(d.get('images', {}), d.get('threshold', 0.5)); g.image_root = d.get('image_root'); return g
     if kind == 'embedding': return EmbeddingGallery(embed, d.get('threshold', 0.9), d.get('people', []))
     raise ValueError(f"{path}: unknown gallery kind {kind!r} (annotation, embedding)")
 

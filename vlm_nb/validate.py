@@ -151,6 +151,10 @@ def validate_dataset(path, # dataset file
     ds = read_dataset(path)
     probs = [Problem(w, 'error', 'unreadable-record', m, 'fix or drop the record') for w, m in ds.problems]
     for s in ds.samples: probs.extend(check_sample(s, images_root))
+    seen = Counter(str(s.id) for s in ds.samples if s.id is not None)
+    for sid, n in seen.items():       # results (eval, batch inference) are keyed by sample id
+        if n > 1: probs.append(Problem(sid, 'warning', 'duplicate-id', f'{n} samples share the id {sid!r}',
+                                       'give every sample its own id (e.g. append _1, _2, ...)'))
     return ValidationReport(str(path), len(ds.samples), probs)
 
 # %% ../nbs/02_validate.ipynb #e20202dd
