@@ -176,7 +176,7 @@ def convert_samples(samples: list, # samples from `read_dataset`
     for s in samples:
         s2 = Sample([Turn(t.role, t.text) for t in s.turns], list(s.images), list(s.video), s.id, dict(s.meta), {})
         if s.layout.get('fmt') == 'qna':
-            s2.id = s.layout.get('qna_id'); s2.meta = {k: v for k, v in s.meta.items()}
+            s2.id = s.id if s.id is not None else s.layout.get('qna_id'); s2.meta = {k: v for k, v in s.meta.items()}
         if canonical:
             if s.layout.get('implicit_image') and s2.images:
                 u = next(t for t in s2.turns if t.role == 'user')
