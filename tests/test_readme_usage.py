@@ -36,6 +36,6 @@ def test_usage_commands_run_verbatim(tmp_path):
     private = [str(f.relative_to(tmp_path)) for f in tmp_path.rglob('*') if f.is_file() and f.stat().st_mode & 0o777 == 0o600]
     assert not private, private[:10]
     # and git ignores what the README makes users create in a checkout
-    made = sorted(p.name for p in tmp_path.iterdir()) + ['demo_run']
+    made = sorted(p.name + ('/' if p.is_dir() else '') for p in tmp_path.iterdir()) + ['demo_run/']
     r = subprocess.run(['git', 'check-ignore', '--no-index', *made], cwd=ROOT, capture_output=True, text=True)
     assert sorted(r.stdout.split()) == sorted(made), set(made) - set(r.stdout.split())
