@@ -585,7 +585,8 @@ def _load_lora(ref:ModelRef, dtype, device, merge, **opts):
     "Load a LoRA adapter on its base model (merged in memory unless `merge=False`)."
     from peft import PeftModel
     meta = checkpoint_meta(ref.path)
-    model, ad = load_model(ref.base, dtype=dtype, **{**meta.get('adapter', {}), **opts})
+    layout = {'tool_layout': meta['tool_layout']} if meta.get('tool_layout') else {}   # where it was trained to see tool results
+    model, ad = load_model(ref.base, dtype=dtype, **{**meta.get('adapter', {}), **layout, **opts})
     model = PeftModel.from_pretrained(model, str(ref.path))
     if merge: model = model.merge_and_unload()
     ad.default_system = meta.get('system_prompt', ad.default_system)
