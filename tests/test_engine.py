@@ -129,14 +129,16 @@ def _requests(tok, photo, wide):
             req([wide, photo], 'Compare the two pictures.', 'Hm, ' * 2 + crop, free=25),
             req([photo], 'Is it red?', 'Yes.', 'eos', free=30)]
 
-@pytest.mark.parametrize('family', ['internvl3_5', 'qwen2_5_vl', 'qwen3_vl', 'ovis2_5'])
-def test_batched_tool_loop_equals_sequential(work, family):
-    "Greedy, fp32, CPU: every row of the batched loop writes exactly the tokens the one-at-a-time engine writes."
+@pytest.mark.parametrize('family,layout', [('internvl3_5', None), ('qwen2_5_vl', None), ('qwen3_vl', None), ('ovis2_5', None),
+                                           ('internvl3_5', 'turn')])
+def test_batched_tool_loop_equals_sequential(work, family, layout):
+    "Greedy, fp32, CPU: every row of the batched loop writes exactly the tokens the one-at-a-time engine writes (either tool layout)."
     from vlm_nb.models import make_tiny, load_model
     from vlm_nb.engine import ToolEngine
     d = work/f'tiny_{family}'
     if not (d/'config.json').exists(): make_tiny(family, d)
-    model, ad = load_model(d, **_OPTS[family])
+    model, ad = load_model(d, **_OPTS[family], **({'tool_layout': layout} if layout else {}))
+    if layout: assert ad.tool_layout == layout
     eng = ToolEngine(model, ad, tools='crop,identify')
     photo = Image.new('RGB', (320, 240), (30, 90, 160)); photo.paste((220, 40, 40), (40, 60, 120, 200))
     wide = Image.new('RGB', (300, 200), (200, 190, 60)); wide.paste((20, 40, 240), (10, 10, 100, 150))
