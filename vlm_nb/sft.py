@@ -1063,13 +1063,17 @@ def internvl_1b_config(tokenizer, size:str='1b'):
 def gpu_train_bench(size:str='1b', # '1b' (InternVL3.5-1B shapes) | 'tiny' (CPU smoke test)
                     steps:int=10, batch_size:int=4, seq_len:int=2048, # sequences of seq_len tokens with one 448² image each
                     zero2:bool=True, # also run ZeRO-2 (needs deepspeed)
-                    gradient_checkpointing:bool=False)->dict:
+                    gradient_checkpointing:bool=False,
+                    attn:str='sdpa', # attention implementation: 'sdpa' | 'flash_attention_2' | 'flex_attention' | 'eager'
+                    packing:bool=True, # also time variable-length sequences padded vs packed into rows of seq_len
+                   )->dict:
     "Training tokens/s and MFU of an InternVL3.5-1B-sized random model in bf16 (plus a ZeRO-2 run) on one device."
     import transformers as T
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     tok = load_tokenizer('internvl3_5'); ad = get_adapter('internvl3_5', tok, max_tiles=1)
     torch.manual_seed(0)
     model = T.InternVLForConditionalGeneration(internvl_1b_config(tok, size)).to(dev, torch.bfloat16 if dev == 'cuda' else torch.float32)
+    set_attention(model, attn)
     n_params = sum(p.numel() for p in model.parameters())
     img = [ad.tid('<img>')] + [ad.image_token_id]*256 + [ad.tid('</img>')]
     g = torch.Generator().manual_seed(0)
@@ -1099,6 +1103,43 @@ def gpu_train_bench(size:str='1b', # '1b' (InternVL3.5-1B shapes) | 'tiny' (CPU 
     out = {'device': name, 'size': size, 'params': n_params, 'batch_size': batch_size, 'seq_len': seq_len, 'tokens_per_s': round(tps, 1),
            'mfu': round(flops_per_token * tps / peak, 4) if peak else None,
            'max_memory_gib': round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == 'cuda' else None}
+    if packing:   # the same variable-length sequences (a quarter to all of seq_len), padded vs packed rows
+        from vlm_nb.sequences import plan_packs
+        rng = np.random.default_rng(0)
+        def var_seqs():
+            out = []
+            for n in rng.integers(max(len(img) + 20, seq_len // 4), seq_len + 1, batch_size):
+                ids = torch.randint(1000, min(len(tok), 150000) - 1, (int(n),), generator=g); ids[10:10 + len(img)] = torch.tensor(img)
+                out.append(ids)
+            return out
+        def rows(seqs, pack):
+            groups = plan_packs([len(x) for x in seqs], seq_len) if pack else [[i] for i in range(len(seqs))]
+            T_ = max(sum(len(seqs[i]) for i in gr) for gr in groups)
+            ids = torch.full((len(groups), T_), tok.pad_token_id or 0); pos = torch.zeros_like(ids); att = torch.zeros_like(ids)
+            for r, gr in enumerate(groups):
+                cat = torch.cat([seqs[i] for i in gr]); ids[r, :len(cat)] = cat; att[r, :len(cat)] = 1
+                pos[r, :len(cat)] = torch.cat([torch.arange(len(seqs[i])) for i in gr]); pos[r, len(cat):] = torch.arange(T_ - len(cat))
+            lab = ids.clone(); lab[att == 0] = -100
+            for r, gr in enumerate(groups):   # image and prompt positions of every sequence are not trained
+                o = 0
+                for i in gr: lab[r, o:o + 10 + len(img)] = -100; o += len(seqs[i])
+            b = {'input_ids': ids.to(dev), 'labels': lab.to(dev), 'position_ids': pos.to(dev),
+                 'pixel_values': torch.randn(len(seqs), 3, 448, 448, generator=g).to(dev, model.dtype)}
+            if not pack: b['attention_mask'] = att.to(dev)
+            return b, sum(len(x) for x in seqs)
+        def timed(pack, n):
+            data = [rows(var_seqs(), pack) for _ in range(n + 2)]
+            for b, _ in data[:2]: step(b)
+            if dev == 'cuda': torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for b, _ in data[2:]: step(b)
+            if dev == 'cuda': torch.cuda.synchronize()
+            return sum(t for _, t in data[2:]) / (time.perf_counter() - t0), (torch.cuda.max_memory_allocated() / 2**30 if dev == 'cuda' else None)
+        pad_tps, pad_mem = timed(False, steps); rng = np.random.default_rng(0); pack_tps, pack_mem = timed(True, steps)
+        out.update(attn=attn, padded_tokens_per_s=round(pad_tps, 1), packed_tokens_per_s=round(pack_tps, 1),
+                   packing_gain=round(pack_tps / pad_tps, 3),
+                   packed_mfu=round(flops_per_token * pack_tps / peak, 4) if peak else None,
+                   padded_max_memory_gib=round(pad_mem, 2) if pad_mem else None, packed_max_memory_gib=round(pack_mem, 2) if pack_mem else None)
     if zero2:
         try:
             import deepspeed, torch.distributed as dist
