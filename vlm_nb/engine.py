@@ -16,7 +16,7 @@ from .tools import (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RE
                           ToolCallDetector, ToolRegistry, default_registry, system_prompt, load_gallery,
                           keyed_image, extract_answer)
 from .models import (DecodeState, FamilyAdapter, load_model, check_family, check_tool_layout, content_items, family_of,
-                           tool_layout_of, checkpoint_meta, DEFAULT_TOOL_LAYOUT)
+                           tool_layout_of, checkpoint_meta, DEFAULT_TOOL_LAYOUT, budget_shares)
 
 # %% auto #0
 __all__ = ['THINK_NUDGE', 'THINKING_SYSTEM_PROMPT', 'SCHEDULE_COLORS', 'IMAGE_EXTS', 'GenConfig', 'sample_token',
@@ -299,7 +299,7 @@ def encode_prompt(self:ToolEngine, images:list, prompt:str, thinking=None)->tupl
     "(ids, image blocks, system text) of the rendered prompt for PIL `images`."
     ad, sys_ = self.adapter, self.system_text(thinking)
     msgs = ([{'role': 'system', 'content': sys_}] if sys_ else []) + [{'role': 'user', 'content': self.user_text(prompt, len(images))}]
-    blocks = [ad.image_block(im) for im in images]
+    blocks = [ad.image_block(im, n_images=len(images)) for im in images]   # prompt images split the budget
     return ad.encode_with_images(ad.render_prompt(msgs, enable_thinking=thinking), blocks), blocks, sys_
 
 # %% ../nbs/06_engine.ipynb #ae841831
@@ -320,9 +320,9 @@ class _Decoder:
     def flush(self)->str: return self.push(None, final=True) if self.ids else ''
 
 @patch
-def result_tokens(self:ToolEngine, res:ToolResult, cfg:GenConfig)->tuple:
+def result_tokens(self:ToolEngine, res:ToolResult, cfg:GenConfig, n_images:int=1)->tuple:
     "(ids, image blocks) that put a tool result into the model's context, in the adapter's tool layout (see `result_ids`)."
-    ids, b, _ = self.result_ids(res, cfg)
+    ids, b, _ = self.result_ids(res, cfg, n_images)
     return ids, ([b] if b is not None else [])
 
 class _Row:
@@ -396,7 +396,8 @@ class _Row:
                 traj.n_tool_calls += 1
                 t = time.perf_counter(); res = e.registry.execute(self.images, call); traj.timings['tool_s'] += time.perf_counter() - t
             self.events.append(ToolCallEvent(call, traj.n_tool_calls + self.refused))
-            r_ids, b, at = e.result_ids(res, cfg)           # in the adapter's tool layout ('inline' or 'turn')
+            n_ctx = len(self.all_blocks) + len(new_blocks) + 1   # images in context with this result (`budget_shares`)
+            r_ids, b, at = e.result_ids(res, cfg, n_ctx)    # in the adapter's tool layout ('inline' or 'turn')
             new_ids += r_ids; new_blocks += [b] if b is not None else []
             traj.add('tool_result', res.response() or '', res.image, kind=res.kind, box=res.box, message=res.text, n_tokens=len(r_ids),
                      **({'block': [at, len(b.token_ids)]} if b is not None else {}))
@@ -418,12 +419,14 @@ def _new_row(self:ToolEngine, images, prompt:str, logits_processors=None, cfg:Ge
     return _Row(self, images, prompt, self.logits_processors + list(logits_processors or []), cfg, ids, blocks, sys_)
 
 @patch
-def result_ids(self:ToolEngine, res:ToolResult, cfg:GenConfig)->tuple:
+def result_ids(self:ToolEngine, res:ToolResult, cfg:GenConfig,
+               n_images:int=1, # images in context once this result is in (prompt images + crops so far + this one)
+              )->tuple:
     "(ids injected after `</tool_call>` for `res` in the adapter's tool layout, the image block or None, the block's offset)."
     ad = self.adapter
     if res.kind != 'image':
         return ad.tokenizer.encode(ad.tool_result_text(res.response(), cfg.thinking), add_special_tokens=False), None, None
-    b = ad.image_block(res.image, role=cfg.crop_role)
+    b = ad.image_block(res.image, role=cfg.crop_role, n_images=n_images)
     pre, post = ad.tool_result_text(None, cfg.thinking).split(ad.image_marker)
     enc = lambda t: ad.tokenizer.encode(t, add_special_tokens=False) if t else []
     head = enc(pre)

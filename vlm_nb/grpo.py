@@ -17,7 +17,7 @@ from .tools import (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RE
                           keyed_image, load_gallery, extract_answer, answer_match, normalize_answer)
 from .sequences import PROMPT, TRAINED, TOOL_RESPONSE, IMAGE, CONTEXT
 from .sft import LoraSettings, apply_overrides, config_path, config_yaml
-from .models import CHECKPOINT_META, checkpoint_meta, resolve_model
+from .models import CHECKPOINT_META, checkpoint_meta, resolve_model, budget_shares
 
 # %% auto #0
 __all__ = ['CROP_CALL_COST', 'REWARD_FUNCS', 'Rollout', 'simulate_rollout', 'GRPOTask', 'task_from_record', 'synthetic_tasks',
@@ -535,7 +535,7 @@ def _unwrap(model): return model.get_base_model() if hasattr(model, 'get_base_mo
 # %% ../nbs/08_grpo.ipynb #52c2bb28
 def rollout_logprobs(model, adapter, r: Rollout, temperature: float=1.0) -> tuple:
     "(logp [1, T], mask [1, T]) over the completion part of `r` (T = len(ids) - prompt_len)."
-    blocks = [adapter.image_block(im, role=ro) for im, ro in zip(r.images, r.image_roles)]
+    blocks = [adapter.image_block(im, role=ro, n_images=n) for im, ro, n in zip(r.images, r.image_roles, budget_shares(r.image_roles))]
     ids = torch.tensor([r.ids])
     px = adapter.collate_pixels(blocks) if blocks else {}
     dev = next(model.parameters()).device

@@ -17,10 +17,10 @@ from .data import respect_umask
 __all__ = ['FAMILIES', 'HUB_IDS', 'TOOL_LAYOUTS', 'DEFAULT_TOOL_LAYOUT', 'TOOL_TURN_OPEN', 'TOOL_TURN_CLOSE', 'IMAGENET_MEAN',
            'IMAGENET_STD', 'CHECKPOINT_META', 'check_family', 'find_shared', 'family_tokens', 'chat_template',
            'build_tokenizer_dir', 'load_tokenizer', 'ImageBlock', 'DecodeState', 'check_tool_layout', 'FamilyAdapter',
-           'content_text', 'content_items', 'internvl_grid', 'internvl_tiles', 'InternVLAdapter', 'QwenVLAdapter',
-           'Qwen3VLAdapter', 'mrope_positions', 'ModelRef', 'resolve_model', 'get_adapter', 'family_of',
-           'checkpoint_meta', 'record_tool_layout', 'tool_layout_of', 'load_model', 'tiny_config', 'make_tiny',
-           'tiny_main', 'OvisAdapter']
+           'content_text', 'content_items', 'budget_shares', 'internvl_grid', 'internvl_tiles', 'InternVLAdapter',
+           'QwenVLAdapter', 'Qwen3VLAdapter', 'mrope_positions', 'ModelRef', 'resolve_model', 'get_adapter',
+           'family_of', 'checkpoint_meta', 'record_tool_layout', 'tool_layout_of', 'load_model', 'tiny_config',
+           'make_tiny', 'tiny_main', 'OvisAdapter']
 
 # %% ../nbs/04_models.ipynb #3fc376dc
 FAMILIES = ('internvl3_5', 'ovis2_5', 'qwen2_5_vl', 'qwen3_vl')
@@ -389,6 +389,16 @@ def image_options(self:FamilyAdapter)->dict:
     "The image-budget settings of this adapter (what a checkpoint records so every consumer cuts images alike)."
     return {k: getattr(self, k) for k in _IMAGE_OPTIONS if hasattr(self, k)}
 
+
+# %% ../nbs/04_models.ipynb #e29b92ef
+def budget_shares(roles:list # each image's role in order: 'image' | 'frame' | 'crop'
+                 )->list:
+    "The `n_images` each image's budget is shared by: prompt images split it, the k-th crop counts the prompt images + k."
+    n_prompt, k, out = sum(r != 'crop' for r in roles), 0, []
+    for r in roles:
+        if r == 'crop': k += 1
+        out.append(n_prompt + k if r == 'crop' else n_prompt)
+    return out
 
 # %% ../nbs/04_models.ipynb #a1c0de02
 @patch

@@ -14,6 +14,7 @@ from PIL import Image
 from fastcore.basics import patch
 from .data import Sample, Turn, read_dataset, load_image, ImageLoadError, shared_path, atomic_write_text
 from .tools import parse_tool_calls, get_tool, execute_call
+from .models import budget_shares
 
 # %% auto #0
 __all__ = ['PROMPT', 'TRAINED', 'TOOL_RESPONSE', 'IMAGE', 'CONTEXT', 'PAD', 'ROLE_NAMES', 'IGNORE_INDEX', 'TOOL_RESPONSE_OPEN',
@@ -275,9 +276,10 @@ def _make_block(self:SequenceBuilder, p:PendingBlock, n_images:int):
 
 @patch
 def _resolve(self:SequenceBuilder, segs:list) -> list:
-    "`segs` with every `PendingBlock` made into an image block: each of the sample's n images gets its share of the budget."
-    n = sum(1 for k, _, p in segs if k == 'b' and isinstance(p, PendingBlock))
-    return [(k, r, self._make_block(p, n)) if k == 'b' and isinstance(p, PendingBlock) else (k, r, p) for k, r, p in segs]
+    "`segs` with every `PendingBlock` made into an image block, each cut to its share of the budget (`budget_shares`)."
+    pend = [p for k, _, p in segs if k == 'b' and isinstance(p, PendingBlock)]
+    share = dict(zip(map(id, pend), budget_shares([p.role for p in pend])))
+    return [(k, r, self._make_block(p, share[id(p)])) if k == 'b' and isinstance(p, PendingBlock) else (k, r, p) for k, r, p in segs]
 
 @patch
 def _tool_part(self:SequenceBuilder, call, images:list, image_keys:tuple, notes:list):
