@@ -173,10 +173,14 @@ def convert_samples(samples: list, # samples from `read_dataset`
                    ) -> list:
     "Samples in the canonical conversation layout."
     res = []
+    derived = [s.layout.get('qna_id') for s in samples if s.layout.get('fmt') == 'qna' and s.id is None]
+    repeated = {i for i, k in Counter(derived).items() if k > 1}   # one image id on several lines: add the line
     for s in samples:
         s2 = Sample([Turn(t.role, t.text) for t in s.turns], list(s.images), list(s.video), s.id, dict(s.meta), {})
         if s.layout.get('fmt') == 'qna':
-            s2.id = s.id if s.id is not None else s.layout.get('qna_id'); s2.meta = {k: v for k, v in s.meta.items()}
+            qid = s.layout.get('qna_id')
+            if s.id is None and qid in repeated: qid = f"{qid}_line{s.layout.get('line')}"
+            s2.id = s.id if s.id is not None else qid; s2.meta = {k: v for k, v in s.meta.items()}
         if canonical:
             if s.layout.get('implicit_image') and s2.images:
                 u = next(t for t in s2.turns if t.role == 'user')
