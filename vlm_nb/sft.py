@@ -11,21 +11,21 @@ from typing import Any
 import numpy as np
 import torch
 from fastcore.basics import patch
-from .data import load_samples, atomic_write_json, atomic_write_text, respect_umask
+from .data import Sample, Turn, load_samples, atomic_write_json, atomic_write_text, respect_umask
 from .models import FAMILIES, family_of, load_model, get_adapter, load_tokenizer, checkpoint_meta, CHECKPOINT_META, record_tool_layout
 from .models import resolve_model
 
 # %% auto #0
 __all__ = ['MODEL_PARTS', 'LORA_PRESETS', 'DEEPSPEED_CONFIGS', 'ATTN_IMPLEMENTATIONS', 'PROCESSOR_FILES', 'LoraSettings',
            'SFTConfig', 'apply_overrides', 'load_config', 'steps_per_epoch', 'model_part', 'freeze_parts',
-           'trainable_report', 'lora_target_regex', 'apply_lora', 'SFTDataset', 'build_sequences', 'LazySFTDataset',
-           'default_cache_dir', 'plan_sequences', 'pack_rows', 'SFTCollator', 'TrainStatsCallback',
-           'EpochLengthSampler', 'VLMTrainer', 'configs_dir', 'write_deepspeed_configs', 'deepspeed_config',
-           'last_checkpoint', 'training_arguments', 'set_attention', 'prepare_model', 'copy_processor_files',
-           'save_tokenizer_files', 'staging_dir', 'publish_dir', 'data_system_prompt', 'trained_model_meta',
-           'image_token_stats', 'param_shard', 'sft_dataset', 'train_sft', 'merge_lora', 'config_yaml',
-           'example_configs', 'config_path', 'train_sft_main', 'train_merge_main', 'bench_train', 'crop_bench_data',
-           'bench_memory', 'internvl_1b_config', 'gpu_train_bench']
+           'trainable_report', 'lora_target_regex', 'apply_lora', 'SFTDataset', 'build_sequences', 'sample_json',
+           'sample_from_json', 'LazySFTDataset', 'default_cache_dir', 'plan_sequences', 'pack_rows', 'SFTCollator',
+           'TrainStatsCallback', 'EpochLengthSampler', 'VLMTrainer', 'configs_dir', 'write_deepspeed_configs',
+           'deepspeed_config', 'last_checkpoint', 'training_arguments', 'set_attention', 'prepare_model',
+           'copy_processor_files', 'save_tokenizer_files', 'staging_dir', 'publish_dir', 'data_system_prompt',
+           'trained_model_meta', 'image_token_stats', 'param_shard', 'sft_dataset', 'train_sft', 'merge_lora',
+           'config_yaml', 'example_configs', 'config_path', 'train_sft_main', 'train_merge_main', 'bench_train',
+           'crop_bench_data', 'bench_memory', 'internvl_1b_config', 'gpu_train_bench']
 
 # %% ../nbs/07_sft.ipynb #6dc957ff
 @dataclass
@@ -259,8 +259,19 @@ def build_sequences(path:str|Path, # dataset file
     if not seqs: raise ValueError(f"{path}: no usable training sequences ({len(samples)} samples; skipped: {b.report.skipped[:3]})")
     return SFTDataset(seqs, b.report)
 
+# %% ../nbs/07_sft.ipynb #825d7a30
+def sample_json(s:Sample)->bytes:
+    "One line of JSON for a planned `Sample` (paths and plain data only: a plan never holds code)."
+    try: return (json.dumps(asdict(s), ensure_ascii=False) + '\n').encode()
+    except TypeError as e: raise TypeError(f"sample {s.id!r}: cannot be planned lazily ({e}); give image paths, not in-memory images") from None
+
+def sample_from_json(b:bytes)->Sample:
+    "The `Sample` that `sample_json` wrote."
+    d = json.loads(b); d['turns'] = [Turn(**t) for t in d['turns']]
+    return Sample(**d)
+
 # %% ../nbs/07_sft.ipynb #46086a7d
-_PLAN_VERSION = 1
+_PLAN_VERSION = 2   # 2: samples stored as JSON lines
 
 def _plan_key(path, adapter, seq_cfg:dict, max_samples=None)->str:
     "A short hash of the data file (path, size, mtime), the adapter's settings, the tokenizer and the sequence settings."
@@ -298,9 +309,8 @@ class LazySFTDataset(torch.utils.data.Dataset):
             self._builder = SequenceBuilder(self.adapter, self.cfg)
     def sample(self, i:int):
         "The `Sample` behind sequence `i`."
-        import pickle
         _, _, so, sn = (int(x) for x in self.index[i])
-        with open(self.folder/'samples.bin', 'rb') as f: f.seek(so); return pickle.loads(f.read(sn))
+        with open(self.folder/'samples.jsonl', 'rb') as f: f.seek(so); return sample_from_json(f.read(sn))
     def __getitem__(self, i):
         from vlm_nb.sequences import TrainSequence, SkipSample
         self._open()
@@ -331,7 +341,6 @@ def plan_sequences(path:str|Path, # dataset file
                    progress:bool=False, chunk:int=256, # samples planned per batched tokenizer call
                    **seq_kw)->LazySFTDataset: # other `SequenceConfig` fields
     "Plan the training sequences of `path` once (cached on disk) and return them as a `LazySFTDataset`."
-    import pickle
     from vlm_nb.sequences import SequenceBuilder, SequenceConfig
     root = str(image_root) if image_root else str(Path(path).parent)
     scfg = SequenceConfig(**{'max_length': max_length, 'image_root': root, **seq_kw, 'pixels': True})
@@ -347,12 +356,12 @@ def plan_sequences(path:str|Path, # dataset file
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, total=math.ceil(len(samples)/chunk), desc='planning sequences')
-    with open(tmp/'ids.bin', 'wb') as fi, open(tmp/'roles.bin', 'wb') as fr, open(tmp/'samples.bin', 'wb') as fs:
+    with open(tmp/'ids.bin', 'wb') as fi, open(tmp/'roles.bin', 'wb') as fr, open(tmp/'samples.jsonl', 'wb') as fs:
         for i in it:
             part = samples[i:i + chunk]
             for s, q in zip(part, b.build_many(part, chunk=chunk, align=True)):
                 if q is None: continue
-                blob = pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL)
+                blob = sample_json(s)
                 fi.write(q.input_ids.astype(np.int32).tobytes()); fr.write(q.roles.astype(np.uint8).tobytes()); fs.write(blob)
                 index.append((tok_off, len(q), byte_off, len(blob))); tok_off += len(q); byte_off += len(blob)
                 meta.append([q.id, [list(x) for x in q.block_spans], q.block_sources, q.placeholders, q.trimmed])
