@@ -1118,7 +1118,7 @@ def gpu_train_bench(size:str='1b', # '1b' (InternVL3.5-1B shapes) | 'tiny' (CPU 
         def var_seqs():
             out = []
             for n in rng.integers(max(len(img) + 20, seq_len // 4), seq_len + 1, batch_size):
-                ids = torch.randint(1000, min(len(tok), 150000) - 1, (int(n),), generator=g); ids[10:10 + len(img)] = torch.tensor(img)
+                ids = torch.randint(lo, hi, (int(n),), generator=g); ids[10:10 + len(img)] = torch.tensor(img)
                 out.append(ids)
             return out
         def rows(seqs, pack):
