@@ -34,6 +34,13 @@ def cli(): return run_cli
 def free_port():
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
+def server_healthy(port):
+    "True once a local OpenAI-compatible server answers /health."
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2) as r: return r.status == 200
+    except Exception: return False
+
 def chromium():
     return shutil.which('chromium') or shutil.which('chromium-browser') or shutil.which('google-chrome')
 

@@ -10,14 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-def _healthy(port):
-    try:
-        with urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2) as r: return r.status == 200
-    except Exception: return False
+from conftest import free_port as _free_port, server_healthy as _healthy
 
 @pytest.fixture(scope='module')
 def server(tmp_path_factory):

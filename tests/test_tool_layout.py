@@ -79,14 +79,7 @@ def test_remote_engine_refuses_inline_models(ckpts):
     try: assert RemoteEngine('http://unused', 'ivl', tools='crop', client=Never(), checkpoint=ckpts['internvl3_5']).family == 'internvl3_5'
     finally: (ckpts['internvl3_5']/'vlm_nb.json').unlink()
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-def _healthy(port):
-    try:
-        with urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2) as r: return r.status == 200
-    except Exception: return False
+from conftest import free_port as _free_port, server_healthy as _healthy
 
 def test_served_turn_model_sees_the_training_ids(ckpts, tmp_path):
     "`transformers serve` tokenizes RemoteEngine's requests into exactly the training sequence's prefixes."
