@@ -1,5 +1,5 @@
 """One GRPO run on fixed rollouts (every completion token scripted), in one process or under torchrun:
-`python _grpo_dist.py MODEL OUT STEPS`. Every process saves its LoRA weights to OUT/params-RANK.pt; process 0 prints the summary."""
+`python _grpo_dist.py MODEL OUT STEPS [DEEPSPEED]`. Every process saves its LoRA weights to OUT/params-RANK.pt; process 0 prints the summary."""
 import json, os, sys
 from pathlib import Path
 import torch
@@ -12,6 +12,7 @@ from vlm_nb.builtin_tools.crop_tool import CropTool
 from vlm_nb.builtin_tools.identify_tool import IdentifyTool
 
 model_dir, out, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+ds = sys.argv[4] if len(sys.argv) > 4 else None
 tasks, gallery = synthetic_tasks(2)
 reg = ToolRegistry([CropTool(), IdentifyTool(gallery)])
 writer, ad = load_model(model_dir, max_pixels=160*160)            # writes the scripted rollouts (its own logits never matter)
@@ -28,7 +29,7 @@ def fixed_rollouts(task, G, seeds):
     return [rollout_from_trajectory(t, r.positions, 4) for t, r in zip(eng.run_batch(reqs), recs)]
 
 cfg = GRPOConfig(model=model_dir, output_dir=str(out), steps=steps, prompts_per_step=3, num_generations=2, lr=1e-2,
-                 adapter={'max_pixels': 160*160}, synthetic_images=2, save_every=1)
+                 adapter={'max_pixels': 160*160}, synthetic_images=2, save_every=1, deepspeed=ds)
 policy, _ = load_model(model_dir, max_pixels=160*160)        # LoRA is added in place, so `policy` holds the trained weights
 s = train_grpo(cfg, tasks=tasks, model=policy, adapter=ad, registry=reg, rollout_fn=fixed_rollouts)
 torch.save({n: p.detach().clone() for n, p in policy.named_parameters() if 'lora_' in n}, out/f"params-{s['rank']}.pt")

@@ -197,7 +197,7 @@ def test_cli(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------- several processes (torchrun, gloo)
-def _grpo_run(tiny, out, steps, nproc):
+def _grpo_run(tiny, out, steps, nproc, *extra):
     "Run tests/_grpo_dist.py in one process or under torchrun; (summary, [LoRA weights per process])."
     import socket, subprocess, sys
     script = str(Path(__file__).parent/'_grpo_dist.py')
@@ -206,7 +206,7 @@ def _grpo_run(tiny, out, steps, nproc):
         with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(port), script]
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1'}
-    p = subprocess.run(cmd + [tiny, str(out), str(steps)], capture_output=True, text=True, timeout=900, env=env)
+    p = subprocess.run(cmd + [tiny, str(out), str(steps), *extra], capture_output=True, text=True, timeout=900, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads([l for l in p.stdout.splitlines() if l.startswith('{')][-1])
     return s, [torch.load(out/f'params-{r}.pt', weights_only=True) for r in range(nproc)]
@@ -229,6 +229,26 @@ def test_two_processes_take_the_step_one_process_takes(tiny, tmp_path):
     assert (one2['resumed_from'], two2['resumed_from']) == (1, 1)
     for k in q1: assert torch.allclose(q1[k], q2a[k], rtol=0, atol=1e-5), k
     assert _log(two2['log'])[1]['grad_norm'] == pytest.approx(_log(one2['log'])[1]['grad_norm'], rel=1e-5)
+
+@pytest.mark.slow   # DeepSpeed starts slowly (and JIT-builds its CPU comm op on a new machine)
+def test_deepspeed_zero2_takes_the_step_one_process_takes(tiny, tmp_path):
+    "GRPO under DeepSpeed ZeRO-2 (2 gloo processes, CPU accelerator): the parameters and gradient norm of one plain process, and an exact resume."
+    one, (p1,) = _grpo_run(tiny, tmp_path/'one', 1, 1)
+    two, (p2a, p2b) = _grpo_run(tiny, tmp_path/'ds', 1, 2, 'zero2')
+    assert two['world_size'] == 2 and (tmp_path/'ds'/'checkpoints'/'step-000001'/'deepspeed').is_dir()   # sharded optimizer saved
+    for k in p1:
+        assert torch.equal(p2a[k], p2b[k]), k
+        assert torch.allclose(p1[k], p2a[k], rtol=0, atol=1e-5), (k, (p1[k] - p2a[k]).abs().max())
+    la, lb = _log(one['log']), _log(two['log'])
+    assert lb[0]['grad_norm'] == pytest.approx(la[0]['grad_norm'], rel=1e-5) and lb[0]['loss'] == pytest.approx(la[0]['loss'], rel=1e-5, abs=1e-7)
+    one2, (q1,) = _grpo_run(tiny, tmp_path/'one', 2, 1)
+    two2, (q2a, _) = _grpo_run(tiny, tmp_path/'ds', 2, 2, 'zero2')                    # resumed: weights and DeepSpeed's optimizer shards
+    assert (one2['resumed_from'], two2['resumed_from']) == (1, 1)
+    for k in q1: assert torch.allclose(q1[k], q2a[k], rtol=0, atol=1e-5), k
+    assert _log(two2['log'])[1]['grad_norm'] == pytest.approx(_log(one2['log'])[1]['grad_norm'], rel=1e-5)
+
+def test_grpo_refuses_zero3():
+    with pytest.raises(ValueError, match='ZeRO stages 0-2'): GRPOConfig(deepspeed='zero3').check()
 
 def test_loss_weights_over_processes():
     "One process's share of the batch, weighted with the whole batch's counts, gives the whole batch's weights."

@@ -364,6 +364,7 @@ class GRPOConfig:
     seed: int = 0
     dtype: str = 'float32'
     progress: bool = False           # tqdm bar over steps
+    deepspeed: str|None = None       # 'zero0' | 'zero1' | 'zero2' | 'zero2_offload' (shipped configs) or a DeepSpeed JSON path; ZeRO-3 is refused
 
     def check(self):
         "Raise ValueError for inconsistent settings."
@@ -375,6 +376,9 @@ class GRPOConfig:
         for k in ('steps', 'prompts_per_step', 'num_iterations', 'max_new_tokens', 'save_every', 'rollout_batch'):
             if getattr(self, k) < 1: raise ValueError(f'{k} must be >= 1')
         if self.beta < 0: raise ValueError('beta must be >= 0')
+        if self.deepspeed and re.fullmatch(r'zero3.*', str(self.deepspeed)):
+            raise ValueError(f"deepspeed={self.deepspeed!r}: GRPO supports ZeRO stages 0-2 (each process generates its own rollouts, "
+                             "which ZeRO-3's lock-step parameter gathering cannot follow); use 'zero2' or 'zero2_offload'")
         return self
 
 def _update(obj, d: dict, where=''):
@@ -575,16 +579,23 @@ def _set_rng_state(s: dict):
     random.setstate((p['version'], tuple(p['state']), p['gauss']))
     np.random.set_state((n['name'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
 
-def save_checkpoint(out_dir, step: int, model, optimizer, cfg: GRPOConfig, keep: int=2) -> Path:
-    "Write `out_dir/checkpoints/step-N` atomically (a folder rename); keep the newest `keep`."
-    root = Path(out_dir)/'checkpoints'; root.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(out_dir, step: int, model, optimizer, cfg: GRPOConfig, keep: int=2,
+                    ds_engine=None, rank: int=0, world: int=1) -> Path:
+    "Write `out_dir/checkpoints/step-N` atomically (a folder rename); keep the newest `keep`. Every process calls it."
+    root = Path(out_dir)/'checkpoints'
     final, tmp = root/f'step-{step:06d}', root/f'.tmp-step-{step:06d}'
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-    torch.save({'trainable': {n: p.detach().cpu().clone() for n, p in _trainable(model).items()},
-                'optimizer': optimizer.state_dict(), 'rng': _rng_state()}, tmp/'state.pt')
-    atomic_write_json(tmp/'trainer.json', {'step': step, 'config': asdict(cfg)})
-    shutil.rmtree(final, ignore_errors=True); tmp.rename(final)
-    for old in sorted(root.glob('step-*'))[:-keep]: shutil.rmtree(old, ignore_errors=True)
+    if not rank: root.mkdir(parents=True, exist_ok=True); shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
+    if ds_engine is not None:                         # the sharded optimizer state: every process writes its part
+        _barrier(world)
+        ds_engine.save_checkpoint(str(tmp/'deepspeed'), tag='state', save_latest=False, exclude_frozen_parameters=True)
+        _barrier(world)
+    if not rank:
+        torch.save({'trainable': {n: p.detach().cpu().clone() for n, p in _trainable(model).items()},
+                    'optimizer': optimizer.state_dict() if ds_engine is None else {}, 'rng': _rng_state()}, tmp/'state.pt')
+        atomic_write_json(tmp/'trainer.json', {'step': step, 'config': asdict(cfg)})
+        shutil.rmtree(final, ignore_errors=True); tmp.rename(final)
+        for old in sorted(root.glob('step-*'))[:-keep]: shutil.rmtree(old, ignore_errors=True)
+    if world > 1: _barrier(world)                     # (defined with the other process helpers below)
     return final
 
 def latest_checkpoint(out_dir) -> Path|None:
@@ -592,8 +603,8 @@ def latest_checkpoint(out_dir) -> Path|None:
     ck = sorted(p for p in (Path(out_dir)/'checkpoints').glob('step-*') if (p/'trainer.json').exists())
     return ck[-1] if ck else None
 
-def load_checkpoint(path, model, optimizer) -> int:
-    "Restore trainable weights, optimizer and RNG states; returns the step."
+def load_checkpoint(path, model, optimizer, ds_engine=None) -> int:
+    "Restore trainable weights, optimizer (DeepSpeed's shards under `ds_engine`) and RNG states; returns the step."
     try: st = torch.load(Path(path)/'state.pt', map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"refusing to load {Path(path)/'state.pt'}: it holds objects other than tensors and plain "
@@ -603,7 +614,12 @@ def load_checkpoint(path, model, optimizer) -> int:
     if missing: raise ValueError(f"checkpoint {path} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was it made with another mode?")
     with torch.no_grad():
         for n, p in params.items(): p.copy_(st['trainable'][n])
-    optimizer.load_state_dict(st['optimizer']); _set_rng_state(st['rng'])
+    if ds_engine is None: optimizer.load_state_dict(st['optimizer'])
+    else:
+        if not (Path(path)/'deepspeed').exists(): raise ValueError(f"checkpoint {path} was written without DeepSpeed; resume it without --deepspeed")
+        ds_engine.load_checkpoint(str(Path(path)/'deepspeed'), tag='state', load_module_strict=False,
+                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+    _set_rng_state(st['rng'])
     return json.loads((Path(path)/'trainer.json').read_text())['step']
 
 # %% ../nbs/08_grpo.ipynb #122b051f
@@ -655,6 +671,50 @@ def _reduce_grads(params: list, world: int):
         if not h: continue
         if p.grad is None: p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
+
+def _all_max(x: int, world: int) -> int:
+    "The largest `x` over the processes."
+    if world == 1: return x
+    import torch.distributed as dist
+    t = torch.tensor([int(x)], dtype=torch.int64); dist.all_reduce(t, op=dist.ReduceOp.MAX); return int(t.item())
+
+def _ds_config(cfg: GRPOConfig, world: int) -> dict:
+    "The DeepSpeed config for GRPO: the shipped or given JSON with its 'auto' fields filled (one micro-step per rollout, the loop accumulates)."
+    from vlm_nb.sft import deepspeed_config
+    d = json.loads(Path(deepspeed_config(cfg.deepspeed)).read_text())
+    if d.get('zero_optimization', {}).get('stage', 0) >= 3:
+        raise ValueError(f"{cfg.deepspeed}: GRPO supports ZeRO stages 0-2 (each process generates its own rollouts, which ZeRO-3's "
+                         "lock-step parameter gathering cannot follow)")
+    fill = {'train_micro_batch_size_per_gpu': 1, 'gradient_accumulation_steps': 1, 'train_batch_size': world,
+            'gradient_clipping': float(cfg.max_grad_norm or 0.)}
+    for k, v in fill.items():
+        if d.get(k, 'auto') == 'auto': d[k] = v
+    if d['gradient_accumulation_steps'] != 1 or d['train_micro_batch_size_per_gpu'] != 1:
+        raise ValueError(f"{cfg.deepspeed}: GRPO accumulates over rollouts itself; leave gradient_accumulation_steps and "
+                         "train_micro_batch_size_per_gpu at 1 or 'auto'")
+    for k, dt in (('bf16', 'bfloat16'), ('fp16', 'float16')):
+        if isinstance(d.get(k), dict) and d[k].get('enabled') == 'auto': d[k]['enabled'] = cfg.dtype == dt
+    if 'optimizer' in d:                                       # a DeepSpeed optimizer (the offload configs): our settings fill its 'auto's
+        p = d['optimizer'].setdefault('params', {})
+        for k, v in (('lr', cfg.lr), ('weight_decay', cfg.weight_decay), ('betas', [0.9, 0.999]), ('eps', 1e-8)):
+            if p.get(k, 'auto') == 'auto': p[k] = v
+    d['zero_allow_untested_optimizer'] = True                  # torch's AdamW, the optimizer of the plain loop
+    return d
+
+def _ds_wrap(cfg: GRPOConfig, model, params: list, opt, world: int) -> tuple:
+    "(engine, optimizer): `model` under DeepSpeed; gradients are reduced by DeepSpeed (ZeRO-1/2 shard optimizer state and gradients)."
+    import deepspeed, torch.distributed as tdist
+    from deepspeed import comm
+    if not tdist.is_initialized():                             # one process without torchrun: a group of one
+        import socket
+        with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+        for k, v in (('MASTER_ADDR', '127.0.0.1'), ('MASTER_PORT', str(port)), ('RANK', '0'), ('LOCAL_RANK', '0'), ('WORLD_SIZE', '1')):
+            os.environ.setdefault(k, v)
+        tdist.init_process_group(os.environ.get('VLM_NB_DIST_BACKEND', 'gloo'))
+    if not comm.is_initialized(): comm.init_distributed(dist_backend=tdist.get_backend(), auto_mpi_discovery=False)
+    conf = _ds_config(cfg, world)
+    eng, dopt, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=None if 'optimizer' in conf else opt, config=conf)
+    return eng, dopt
 
 def _light(r: Rollout) -> Rollout:
     "A copy of `r` for the step statistics of another process (no images or ids)."
@@ -732,10 +792,14 @@ def train_grpo(cfg: GRPOConfig, # the run
     params = list(_trainable(model).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ref = copy.deepcopy(inner).eval().requires_grad_(False) if cfg.beta > 0 and cfg.mode == 'full' else None
+    dse = None
+    if cfg.deepspeed:
+        if cfg.prompts_per_step < world: raise ValueError(f"prompts_per_step={cfg.prompts_per_step} < {world} processes: each needs a group")
+        dse, opt = _ds_wrap(cfg, model, params, opt, world)
     log_path, start, resumed = out/'log.jsonl', 0, None
     ck = latest_checkpoint(out) if cfg.resume else None
     if ck is not None:
-        start = resumed = load_checkpoint(ck, model, opt)
+        start = resumed = load_checkpoint(ck, model, opt, dse)
         if not rank: atomic_write_text(log_path, ''.join(json.dumps(r) + '\n' for r in _read_log(log_path) if r['step'] <= start))
     elif log_path.exists() and not rank: log_path.unlink()
     engine = ToolEngine(inner, adapter, tools=registry)
@@ -765,26 +829,42 @@ def train_grpo(cfg: GRPOConfig, # the run
         Wt = loss_weights(M, cfg.loss_type, cfg.max_new_tokens, n_rows=_all_sum(len(masks), world), n_tokens=_all_sum(int(M.sum()), world))
         model.train(); old = {}
         losses, clips, kls = [], [], []
+        todo = [j for j in range(len(rollouts)) if M[j].any() and not (adv[j] == 0 and cfg.beta == 0)]
+        def rollout_loss(j, itn):
+            "The batch-weighted loss of rollout j (its clip and KL statistics recorded)."
+            r = rollouts[j]
+            logp, _ = rollout_logprobs(inner, adapter, r, cfg.temperature)
+            if itn == 0: old[j] = logp.detach()
+            reflp = None
+            if cfg.beta > 0:
+                with torch.no_grad():
+                    if ref is not None: reflp, _ = rollout_logprobs(ref, adapter, r, cfg.temperature)
+                    else:
+                        with model.disable_adapter(): reflp, _ = rollout_logprobs(inner, adapter, r, cfg.temperature)
+            ptl, clipped, kl = per_token_loss(logp, old[j], adv[j:j+1], reflp, cfg.beta, cfg.clip_eps, cfg.clip_eps_high)
+            mj = M[j:j+1, :logp.shape[1]]
+            clips.append(float((clipped & mj).sum())/max(int(mj.sum()), 1)); kls.append(float((kl*mj).sum())/max(int(mj.sum()), 1))
+            return (Wt[j:j+1, :logp.shape[1]].to(ptl.dtype)*ptl).sum()
+        # DeepSpeed reduces gradients inside each backward: every process takes the same number of them (zero-loss fillers)
+        n_micro = _all_max(len(todo), world) if dse is not None else len(todo)
         for itn in range(cfg.num_iterations):
             total = 0.
-            for j, r in enumerate(rollouts):
-                if not M[j].any() or (adv[j] == 0 and cfg.beta == 0): continue
-                logp, _ = rollout_logprobs(inner, adapter, r, cfg.temperature)
-                if itn == 0: old[j] = logp.detach()
-                reflp = None
-                if cfg.beta > 0:
-                    with torch.no_grad():
-                        if ref is not None: reflp, _ = rollout_logprobs(ref, adapter, r, cfg.temperature)
-                        else:
-                            with model.disable_adapter(): reflp, _ = rollout_logprobs(inner, adapter, r, cfg.temperature)
-                ptl, clipped, kl = per_token_loss(logp, old[j], adv[j:j+1], reflp, cfg.beta, cfg.clip_eps, cfg.clip_eps_high)
-                w = Wt[j:j+1, :logp.shape[1]].to(ptl.dtype)
-                l = (w*ptl).sum(); l.backward(); total += float(l.detach())
-                mj = M[j:j+1, :logp.shape[1]]
-                clips.append(float((clipped & mj).sum())/max(int(mj.sum()), 1)); kls.append(float((kl*mj).sum())/max(int(mj.sum()), 1))
-            _reduce_grads(params, world)                               # the gradient of the whole batch, on every process
-            gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm else 0.
-            opt.step(); opt.zero_grad(set_to_none=True); losses.append(_all_sum(total, world))
+            if dse is None:
+                for j in todo:
+                    l = rollout_loss(j, itn); l.backward(); total += float(l.detach())
+                _reduce_grads(params, world)                           # the gradient of the whole batch, on every process
+                gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm else 0.
+                opt.step(); opt.zero_grad(set_to_none=True)
+            else:
+                for k in range(n_micro):
+                    l = rollout_loss(todo[k], itn) if k < len(todo) else torch.zeros(())
+                    total += float(l.detach())
+                    l = l + sum((p*0).sum() for p in params)         # every parameter takes part in every reduction
+                    dse.set_gradient_accumulation_boundary(k == n_micro - 1)
+                    dse.backward(l*world)                              # DeepSpeed averages over processes; this loss is a sum
+                gn = 0.
+                if n_micro: dse.step(); gn = float(dse.get_global_grad_norm() or 0.)
+            losses.append(_all_sum(total, world))
         inner.eval()
         if world > 1:                                                  # statistics over every process's rollouts
             parts = _all_gather(([_light(r) for r in rollouts], scores, valid, clips, kls), world)
@@ -795,8 +875,7 @@ def train_grpo(cfg: GRPOConfig, # the run
         if world > 1: rec['world_size'] = world
         if not rank: _append_log(log_path, rec)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            if not rank: save_checkpoint(out, step + 1, model, opt, cfg, cfg.save_total_limit)
-            _barrier(world)
+            save_checkpoint(out, step + 1, model, opt, cfg, cfg.save_total_limit, dse, rank, world)
         if on_step is not None: on_step(step + 1, rec)
     if not rank: _save_final(model, adapter, base, out/'final')
     _barrier(world)
