@@ -897,7 +897,8 @@ def train_grpo_main(argv: list|None=None # command-line arguments after `vlm-nb 
         'G completions per prompt from the tool engine, group-normalised advantages, clipped loss over model-written tokens '
         'only, KL to a reference (beta) or reference-free. Any GRPOConfig field can be overridden as --key value '
         '(dotted for rewards.* and lora.*). CONFIG may be "-" for defaults (a tiny random model on synthetic scenes).',
-        epilog='example: vlm-nb train grpo grpo.yaml --steps 50 --num_generations 8 --rewards.crop 1.0')
+        epilog='example: vlm-nb train grpo grpo.yaml --steps 50 --num_generations 8 --rewards.crop 1.0; several processes: '
+               'python -m torch.distributed.run --nproc_per_node N -m vlm_nb.grpo grpo.yaml [--deepspeed zero2]')
     p.add_argument('config', help='JSON or YAML config file, the shipped example grpo, or - for defaults')
     p.add_argument('--json', action='store_true', help='print the summary as JSON')
     p.add_argument('--dry-run', action='store_true', help='print the resolved config and exit')
