@@ -434,10 +434,18 @@ def keyed_image(img: Image.Image, key) -> Image.Image:
 _PY2JSON = {'list': 'array', 'tuple': 'array', 'int': 'integer', 'float': 'number', 'str': 'string', 'bool': 'boolean',
             'dict': 'object'}
 
+_PARAMS_CACHE = {}   # run function -> its parameters: reading docments parses source (ms a call), every call validates
+
 def _run_params(tool) -> dict:
     "name -> (annotation name, default, docment) for the model-facing arguments of `tool.run`."
     fn = getattr(tool, 'run', None)
     if fn is None: return {'bbox': ('list', inspect.Parameter.empty, 'region [x1, y1, x2, y2]')}
+    key = getattr(fn, '__func__', fn)
+    if key not in _PARAMS_CACHE: _PARAMS_CACHE[key] = _read_params(fn)
+    return dict(_PARAMS_CACHE[key])
+
+def _read_params(fn) -> dict:
+    "The parameters of `fn` as `_run_params` returns them (uncached)."
     try:
         from fastcore.docments import docments
         docs = docments(fn, full=True)
