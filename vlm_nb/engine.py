@@ -1215,7 +1215,7 @@ def bench_rollouts(json:bool=True, # print one JSON line (else a readable summar
                    max_new_tokens:int=64, # model-written tokens per trajectory
                    family:str='internvl3_5', # tiny model family
                    prompts:int=2, # distinct prompts (images + question); the trajectories share them in groups, as GRPO does
-                   repeats:int=1, # best of this many timings
+                   repeats:int=3, # best of this many timings (each arm; the smallest is the least disturbed by other work)
                    workdir:str|Path|None=None,
                    quick:bool=False, # a smoke run: 4 trajectories of 40 tokens
                   )->dict:
