@@ -1,4 +1,4 @@
-import os, sys, shutil, subprocess, socket
+import contextlib, os, sys, shutil, subprocess, socket, time
 from pathlib import Path
 import pytest
 
@@ -40,6 +40,32 @@ def server_healthy(port):
     try:
         with urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2) as r: return r.status == 200
     except Exception: return False
+
+@contextlib.contextmanager
+def transformers_serve(model_dir, log_path, launcher:bool=False, env:dict|None=None, timeout:float=150, must_start:bool=False):
+    "Run `transformers serve MODEL_DIR` on a free local port until the block ends; yields the port. Skips the test when it does not start (fails with `must_start`)."
+    if launcher: cmd = [sys.executable, str(ROOT/'tests'/'_serve_launcher.py'), 'serve']   # the Qwen-VL processor without torchvision
+    else:
+        exe = shutil.which('transformers')
+        if exe is None: pytest.skip('the `transformers` CLI is not installed')
+        cmd = [exe, 'serve']
+    port = free_port()
+    with open(log_path, 'w') as fh:
+        proc = subprocess.Popen(cmd + [str(model_dir), '--host', '127.0.0.1', '--port', str(port), '--device', 'cpu'], stdout=fh,
+                                stderr=subprocess.STDOUT, env={**os.environ, 'HF_HUB_OFFLINE': '1', **(env or {})}, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while not server_healthy(port):
+            if proc.poll() is not None or time.time() > deadline:
+                msg = f'transformers serve did not start (rc={proc.poll()}): {Path(log_path).read_text()[-800:]}'
+                if must_start: pytest.fail(msg)
+                pytest.skip(msg)
+            time.sleep(0.5)
+        yield port
+    finally:
+        proc.terminate()
+        try: proc.wait(timeout=15)
+        except subprocess.TimeoutExpired: proc.kill(); proc.wait(timeout=15)
 
 def chromium():
     return shutil.which('chromium') or shutil.which('chromium-browser') or shutil.which('google-chrome')

@@ -4,9 +4,8 @@ from pathlib import Path
 import pytest
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from PIL import Image
+from conftest import transformers_serve
 
-def _free_port():
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 @pytest.fixture(scope='module')
 def work(tmp_path_factory): return tmp_path_factory.mktemp('engine')
@@ -69,17 +68,7 @@ def test_remote_loop_against_transformers_serve(work):
     ck = work/'llm'; build_tokenizer_dir('internvl3_5', ck)
     tok = T.AutoTokenizer.from_pretrained(str(ck)); torch.manual_seed(0)
     T.LlamaForCausalLM(T.LlamaConfig(**_tiny_text(tok))).save_pretrained(str(ck))
-    port = _free_port()
-    log = open(work/'serve.log', 'w')
-    proc = subprocess.Popen([exe, 'serve', str(ck), '--host', '127.0.0.1', '--port', str(port), '--device', 'cpu'],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
-    try:
-        import urllib.request
-        t0, up = time.time(), False
-        while time.time() - t0 < 150 and proc.poll() is None:
-            try: urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2); up = True; break
-            except Exception: time.sleep(1)
-        if not up: pytest.skip(f'transformers serve did not start in time: {(work/"serve.log").read_text()[-300:]}')
+    with transformers_serve(ck, work/'serve.log') as port:
         from vlm_nb.engine import RemoteEngine, GenConfig
         eos = tok.convert_tokens_to_ids('<|im_end|>')
         gc = _scripted_generation_config(tok, [
@@ -92,11 +81,6 @@ def test_remote_loop_against_transformers_serve(work):
         assert tr.results[0].text == '<tool_response>unknown person</tool_response>'
         assert tr.text.startswith('Look. <tool_call>Identify [1, 2, 30, 40]</tool_call><tool_response>unknown person</tool_response>')
         assert tr.answer == 'an unknown person' and tr.finish_reason == 'eos'
-    finally:
-        proc.terminate()
-        try: proc.wait(20)
-        except subprocess.TimeoutExpired: proc.kill()
-        log.close()
 
 def test_images_loaded_from_paths_keep_their_key_for_galleries(tmp_path):
     "Identify finds a person by the image's path, so images the CLI loads from disk must keep that path."

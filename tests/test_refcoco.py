@@ -2,7 +2,7 @@
 import os, sys, json, time, signal, shutil, subprocess, importlib.util, contextlib, io
 from pathlib import Path
 import pytest
-from conftest import free_port
+from conftest import transformers_serve
 from vlm_nb.refcoco import *
 from vlm_nb.refcoco import LEFTOVER
 from vlm_nb.synthetic import generate_synthetic, load_refcoco
@@ -161,19 +161,7 @@ def test_hf_backend_with_a_tiny_local_model(tiny_lm, syn):
 @pytest.mark.skipif(not (importlib.util.find_spec('fastapi') and importlib.util.find_spec('uvicorn') and shutil.which('transformers')),
                     reason='`transformers serve` needs fastapi + uvicorn')
 def test_openai_backend_against_transformers_serve(tiny_lm, syn, tmp_path):
-    port = free_port()
-    log = open(tmp_path/'serve.log', 'w')
-    srv = subprocess.Popen(['transformers', 'serve', '--host', '127.0.0.1', '--port', str(port), '--device', 'cpu', str(tiny_lm)],
-                           stdout=log, stderr=subprocess.STDOUT, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
-    try:
-        import urllib.request
-        t0 = time.time()
-        while True:
-            try: urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2); break
-            except OSError:
-                assert srv.poll() is None, (tmp_path/'serve.log').read_text()[-2000:]
-                assert time.time() - t0 < 240, 'transformers serve did not start'
-                time.sleep(0.5)
+    with transformers_serve(tiny_lm, tmp_path/'serve.log', timeout=240, must_start=True) as port:
         base = ['--annotations', syn/'annotations', '--images', syn/'images', '--out', tmp_path/'o', '--generator', 'openai',
                 '--base-url', f'http://127.0.0.1:{port}/v1', '--model', tiny_lm, '--per-image', '1', '--max-tokens', '16',
                 '--workers', '2', '--no-progress', '--json', '--timeout', '60']
@@ -187,11 +175,6 @@ def test_openai_backend_against_transformers_serve(tiny_lm, syn, tmp_path):
         assert rc == 0, err
         assert summ2['reused_shards'] == len(shards) and summ2['new_shards'] == summ2['images'] - len(shards)
         check_output(tmp_path/'o', syn/'images')
-    finally:
-        srv.terminate()
-        try: srv.wait(10)
-        except subprocess.TimeoutExpired: srv.kill(); srv.wait()
-        log.close()
 
 def test_semantic_dedupe_with_a_local_sentence_transformer():
     pytest.importorskip('sentence_transformers')

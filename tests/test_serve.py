@@ -10,30 +10,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
-from conftest import free_port as _free_port, server_healthy as _healthy
+from conftest import transformers_serve
 
 @pytest.fixture(scope='module')
 def server(tmp_path_factory):
     for mod in ('fastapi', 'uvicorn', 'openai'): pytest.importorskip(mod, reason=f'transformers serve needs {mod}')
     from vlm_nb.models import make_tiny
     ckpt = make_tiny('qwen2_5_vl', tmp_path_factory.mktemp('tiny') / 'qwen2_5_vl')
-    port, log = _free_port(), tmp_path_factory.mktemp('log') / 'serve.log'
-    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false'}
-    cmd = [sys.executable, str(REPO / 'tests' / '_serve_launcher.py'), 'serve', str(ckpt), '--host', '127.0.0.1',
-           '--port', str(port), '--device', 'cpu']
-    with open(log, 'w') as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not _healthy(port):
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.skip(f'transformers serve did not start (rc={proc.poll()}): {log.read_text()[-800:]}')
-            time.sleep(1)
+    with transformers_serve(ckpt, tmp_path_factory.mktemp('log') / 'serve.log', launcher=True, timeout=120) as port:
         yield dict(url=f'http://127.0.0.1:{port}/v1', model=str(ckpt))
-    finally:
-        proc.terminate()
-        try: proc.wait(timeout=15)
-        except subprocess.TimeoutExpired: proc.kill(); proc.wait(timeout=15)
 
 def test_chat_with_image(server):
     from openai import OpenAI

@@ -79,7 +79,7 @@ def test_remote_engine_refuses_inline_models(ckpts):
     try: assert RemoteEngine('http://unused', 'ivl', tools='crop', client=Never(), checkpoint=ckpts['internvl3_5']).family == 'internvl3_5'
     finally: (ckpts['internvl3_5']/'vlm_nb.json').unlink()
 
-from conftest import free_port as _free_port, server_healthy as _healthy
+from conftest import transformers_serve
 
 def test_served_turn_model_sees_the_training_ids(ckpts, tmp_path):
     "`transformers serve` tokenizes RemoteEngine's requests into exactly the training sequence's prefixes."
@@ -94,16 +94,8 @@ def test_served_turn_model_sees_the_training_ids(ckpts, tmp_path):
     seq = build_sequence(_sample(ToolEngine(model, ad, tools='crop,identify'), photo), ad)
     starts = [a for a, _ in seq.runs(TRAINED)]                    # where the model writes: after each prompt / tool turn
     assert len(starts) == 3
-    port, log, ids_log = _free_port(), tmp_path/'serve.log', tmp_path/'ids.jsonl'
-    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'VLM_NB_SERVE_IDS': str(ids_log)}
-    cmd = [sys.executable, str(REPO/'tests'/'_serve_launcher.py'), 'serve', str(ck), '--host', '127.0.0.1', '--port', str(port), '--device', 'cpu']
-    with open(log, 'w') as fh: proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.time() + 150
-        while not _healthy(port):
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.skip(f'transformers serve did not start (rc={proc.poll()}): {log.read_text()[-800:]}')
-            time.sleep(1)
+    log, ids_log = tmp_path/'serve.log', tmp_path/'ids.jsonl'
+    with transformers_serve(ck, log, launcher=True, env={'VLM_NB_SERVE_IDS': str(ids_log)}) as port:
         eng = RemoteEngine(f'http://127.0.0.1:{port}/v1', str(ck), tools='crop,identify', checkpoint=ck, timeout=120, max_retries=0,
                            system=ToolEngine(model, ad, tools='crop,identify').system_text(True), config=GenConfig(greedy=True))
         reg = default_registry()
@@ -120,9 +112,5 @@ def test_served_turn_model_sees_the_training_ids(ckpts, tmp_path):
         served = [json.loads(l) for l in ids_log.read_text().splitlines()]
         assert len(served) == 3, log.read_text()[-2000:]
         for got, s in zip(served, starts): assert got == seq.input_ids[:s].tolist()
-    finally:
-        proc.terminate()
-        try: proc.wait(timeout=15)
-        except subprocess.TimeoutExpired: proc.kill(); proc.wait(timeout=15)
 
 def eng_user(q): return '<image>\n' + q

@@ -20,8 +20,7 @@ SCRIPT = ('<think>\nThe red box is on the left. <tool_call>Crop [40, 60, 120, 20
 
 pytestmark = pytest.mark.timeout(300)
 
-def _free_port():
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+from conftest import free_port as _free_port
 
 def _photo():
     from PIL import Image
