@@ -319,12 +319,6 @@ class _Decoder:
         self.ids = []; return s
     def flush(self)->str: return self.push(None, final=True) if self.ids else ''
 
-@patch
-def result_tokens(self:ToolEngine, res:ToolResult, cfg:GenConfig, n_images:int=1)->tuple:
-    "(ids, image blocks) that put a tool result into the model's context, in the adapter's tool layout (see `result_ids`)."
-    ids, b, _ = self.result_ids(res, cfg, n_images)
-    return ids, ([b] if b is not None else [])
-
 class _Row:
     "One answer's tool loop, independent of how its forwards run: `step(logits)` returns the ids to append next, or None when done."
     def __init__(self, engine, images:list, prompt:str, procs:list, cfg:GenConfig, ids:list, blocks:list, sys_:str|None):

@@ -245,6 +245,8 @@ def bare_expression(e:str # a referring expression, e.g. 'the green star.' or 'a
     e = re.sub(r'\s+', ' ', e.strip().rstrip('.?!,;:')).strip()
     return re.sub(r'^(the|a|an)\s+', '', e, flags=re.I)
 
+def _describe(o:dict)->str: return bare_expression(o['sentences'][0]) if o['sentences'] else o['category']   # what a template calls it
+
 Q_SINGLE = ['What is the {d} doing in this picture?', 'Can you describe the {d} in more detail?',
             'What stands out about the {d}?', 'Where is the {d}, and what does it look like up close?']
 Q_PAIR = ['How is the {d1} positioned relative to the {d2}?', 'What can you tell about the {d1} and the {d2} together?']
@@ -262,7 +264,7 @@ class TemplateGenerator(Generator):
                  pair: bool=True): self.per_image, self.pair = per_image, pair
     def config(self): return {'generator': self.name, 'per_image': self.per_image, 'pair': self.pair}
     def _answer(self, objs, size, rng):
-        ds = [bare_expression(o['sentences'][0]) if o['sentences'] else o['category'] for o in objs]
+        ds = [_describe(o) for o in objs]
         call = '{Crop ' + ', '.join(o['key'] for o in objs) + '}'
         if len(objs) == 1:
             o, d = objs[0], ds[0]; pos = _position(o['bbox'], size)
@@ -280,11 +282,11 @@ class TemplateGenerator(Generator):
     def generate(self, entry, seed=0):
         rng, objs, out = _image_rng(seed, entry['image_id']), entry['objects'], []
         for o in rng.sample(objs, min(self.per_image, len(objs))):
-            d = bare_expression(o['sentences'][0]) if o['sentences'] else o['category']
+            d = _describe(o)
             out.append({'Q': rng.choice(Q_SINGLE).format(d=d), 'A': self._answer([o], entry['size'], rng), 'targets': [o['key']]})
         if self.pair and len(objs) >= 2:
             a, b = rng.sample(objs, 2)
-            d1, d2 = [bare_expression(o['sentences'][0]) if o['sentences'] else o['category'] for o in (a, b)]
+            d1, d2 = _describe(a), _describe(b)
             out.append({'Q': rng.choice(Q_PAIR).format(d1=d1, d2=d2), 'A': self._answer([a, b], entry['size'], rng), 'targets': [a['key'], b['key']]})
         return out
 
