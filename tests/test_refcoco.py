@@ -67,7 +67,7 @@ def test_b50_an_image_in_val_of_any_dataset_never_reaches_train(syn, tmp_path):
     rows = [json.loads(l) for l in (ann/'refcocog.jsonl').read_text().splitlines() if l.strip()]
     moved = sorted({r['image_id'] for r in rows if r['split'] == 'train'})[:3]
     for r in rows:
-        if r['image_id'] in moved: r['split'] = 'val'          # RefCOCO still says train: the conflict of B-50
+        if r['image_id'] in moved: r['split'] = 'val'          # RefCOCO still says train: the datasets disagree
     (ann/'refcocog.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
     assert gen('--annotations', ann, '--images', syn/'images', '--out', tmp_path/'o', '--no-progress')[0] == 0
     train, val = check_output(tmp_path/'o', syn/'images')

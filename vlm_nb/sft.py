@@ -769,7 +769,7 @@ def train_sft(cfg:SFTConfig, # the run
     t0 = time.perf_counter()
     res = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     secs = time.perf_counter() - t0
-    metrics = trainer.evaluate() if eval_dataset is not None else {}   # on every rank (B-36)
+    metrics = trainer.evaluate() if eval_dataset is not None else {}   # on every rank: rank 0 alone could deadlock
     final = out/'final'; tmp = staging_dir(final)          # written beside it, renamed into place when complete
     if trainer.is_world_process_zero(): shutil.rmtree(tmp.parent, ignore_errors=True)
     trainer.save_model(str(tmp))
