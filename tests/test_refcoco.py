@@ -62,7 +62,7 @@ def test_both_layouts_give_the_same_dataset(syn, tmp_path):
         assert gen('--annotations', ann, '--images', syn/'images', '--out', tmp_path/name, '--no-progress')[0] == 0
     assert (tmp_path/'a'/'train.json').read_bytes() == (tmp_path/'b'/'train.json').read_bytes()
 
-def test_b50_an_image_in_val_of_any_dataset_never_reaches_train(syn, tmp_path):
+def test_an_image_in_val_of_any_dataset_never_reaches_train(syn, tmp_path):
     ann = tmp_path/'ann'; shutil.copytree(syn/'annotations'/'hf', ann)
     rows = [json.loads(l) for l in (ann/'refcocog.jsonl').read_text().splitlines() if l.strip()]
     moved = sorted({r['image_id'] for r in rows if r['split'] == 'train'})[:3]
