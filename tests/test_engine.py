@@ -99,7 +99,7 @@ def test_images_loaded_from_paths_keep_their_key_for_galleries(tmp_path):
 _OPTS = {'internvl3_5': {'max_tiles': 1}, 'qwen2_5_vl': {'max_pixels': 200*200}, 'qwen3_vl': {'max_pixels': 200*200}, 'ovis2_5': {}}
 
 def _requests(tok, photo, wide):
-    "Six requests: two images and several prompt lengths, Crop/Identify at different steps, early stops, a shared prompt, text only."
+    "Seven requests: two images and several prompt lengths, Crop/Identify at different steps (two rows crop at the same step), early stops, a shared prompt, text only."
     from vlm_nb.engine import ForcedContinuation as F, Request
     crop, ident = '<tool_call>Crop [40, 60, 120, 200]</tool_call>', '<tool_call>Identify [10, 10, 100, 150]</tool_call>'
     def req(images, prompt, script=None, then='free', free=12):
@@ -107,6 +107,7 @@ def _requests(tok, photo, wide):
         procs = [F(tok, script, then)] if script else []
         return Request(images, prompt, procs, {'max_new_tokens': (len(procs[0].ids) if procs else 0) + free})
     return [req([photo], 'What is red?', crop, free=20),
+            req([wide], 'Where is the blue box? Say it briefly.', crop, free=14),   # pauses with the first: one result forward
             req([wide], 'Who is there? Tell me everything you see.', 'Well, ' * 4 + ident, 'eos', free=30),
             req([photo], 'What is red?', 'Look: ' * 7 + ident + 'So. ' + crop, free=10),
             req([], 'Say hello.', free=9),
@@ -128,17 +129,21 @@ def test_batched_tool_loop_equals_sequential(work, family, layout):
     wide = Image.new('RGB', (300, 200), (200, 190, 60)); wide.paste((20, 40, 240), (10, 10, 100, 150))
     alone = [eng.run(r.images, r.prompt, r.logits_processors, greedy=True, **r.overrides) for r in _requests(ad.tokenizer, photo, wide)]
     sched = []
-    together = [None]*6
+    together = [None]*7
     for j, t in eng.generate_batch(_requests(ad.tokenizer, photo, wide), max_batch=4, schedule=sched, greedy=True): together[j] = t
     for j, (a, b) in enumerate(zip(alone, together)):
         assert not isinstance(b, Exception), b
         assert b.ids == a.ids, (j, next(i for i, (x, y) in enumerate(zip(a.ids + [None], b.ids + [None])) if x != y))
         assert (b.finish_reason, b.n_tool_calls, b.text) == (a.finish_reason, a.n_tool_calls, a.text), j
-    assert [t.n_tool_calls for t in together] == [1, 1, 2, 0, 1, 0]
-    assert [t.finish_reason for t in together] == ['length', 'eos', 'length', 'length', 'length', 'eos']
-    assert [s.data['kind'] for s in together[2].results] == ['text', 'image']
+    assert [t.n_tool_calls for t in together] == [1, 1, 1, 2, 0, 1, 0]
+    assert [t.finish_reason for t in together] == ['length', 'length', 'eos', 'length', 'length', 'length', 'eos']
+    assert [s.data['kind'] for s in together[3].results] == ['text', 'image']
     assert {e['kind'] for e in sched} >= {'prefill', 'fork', 'decode', 'tool', 'paused', 'result', 'finished'}
-    assert max(e['lane'] for e in sched) == 3 and sum(e['kind'] == 'finished' for e in sched) == 6
+    assert max(e['lane'] for e in sched) == 3 and sum(e['kind'] == 'finished' for e in sched) == 7
+    starts = [e['start'] for e in sched if e['kind'] == 'result']
+    assert len(starts) > len(set(starts))                        # two rows' tool results went through one forward
+    starts = [e['start'] for e in sched if e['kind'] == 'prefill']
+    assert len(starts) > len(set(starts))                        # and distinct prompts were prefilled together
 
 @pytest.mark.parametrize('family', ['qwen2_5_vl', 'qwen3_vl'])
 def test_qwen_kv_continuation_equals_reprefill(work, family):

@@ -567,44 +567,66 @@ def generate_batch(self:ToolEngine, requests:list, # `Request`s, or (images, pro
     if not _batchable(self.model) or max_batch <= 1: yield from self._run_each(reqs, base); return
     ad, model, pad = self.adapter, self.model, self.adapter.tokenizer.pad_token_id or 0
     cfgs = [replace(base, **r.overrides) if r.overrides else base for r in reqs]
-    keys = [_share_key(r, c) for r, c in zip(reqs, cfgs)]
+    keys = [_share_key(r, c) or ('alone', j) for j, (r, c) in enumerate(zip(reqs, cfgs))]
     left = {}
-    for k in keys:
-        if k is not None: left[k] = left.get(k, 0) + 1
+    for k in keys: left[k] = left.get(k, 0) + 1
     prefixes, kv, rows, queue, free = {}, _KVBatch(model.config), [], list(range(len(reqs))), list(range(max_batch))
     t0 = time.perf_counter()
     def now(): return time.perf_counter() - t0
     def log(kind, row, a, b=None):
         if schedule is not None: schedule.append({'kind': kind, 'lane': row.lane, 'request': row.index, 'start': a, 'end': now() if b is None else b})
 
-    def admit(j):
-        "Start request `j`: prefill its prompt (or copy the prefill its group already made) into a new row of the batch."
-        r, cfg, key, a = reqs[j], cfgs[j], keys[j], now()
-        try:
-            if key is not None and key in prefixes: enc, logits, pkv, pos = prefixes[key]; kind = 'fork'
-            else:
-                images = _load_images(r.images() if callable(r.images) else r.images)
-                enc = (images, *self.encode_prompt(images, r.prompt, cfg.thinking))
-                logits, st = ad.prefill(model, enc[1], enc[2]); kind = 'prefill'
-                pkv, pos = [(l.keys, l.values) for l in st.cache.layers], st.next_pos
-                if key is not None and left[key] > 1: prefixes[key] = (enc, logits, pkv, pos)
-        finally:
-            if key is not None:
-                left[key] -= 1
-                if not left[key]: prefixes.pop(key, None)
-        row = self._new_row(None, r.prompt, r.logits_processors, cfg, encoded=enc)
-        row.logits, row.next_pos, row.index, row.lane, row.error, row.t0 = logits.clone(), pos, j, free.pop(0), None, a
-        kv.put(len(kv), pkv)
-        row.traj.timings['prefill_s'] = now() - a; log(kind, row, a)
-        return row
+    def used(key):
+        left[key] -= 1
+        if not left[key]: prefixes.pop(key, None)
+
+    def admit(js):
+        "Start requests `js` in new rows: prompts not prefilled yet go through one forward together, requests sharing a prompt copy its prefill; returns (rows, [(j, error)])."
+        a, fresh, plan, errs = now(), {}, [], []
+        for j in js:
+            r, key = reqs[j], keys[j]
+            if key not in prefixes and key not in fresh:
+                try:
+                    images = _load_images(r.images() if callable(r.images) else r.images)
+                    fresh[key] = (images, *self.encode_prompt(images, r.prompt, cfgs[j].thinking))
+                except Exception as e:
+                    if is_oom(e): raise
+                    errs.append((j, e)); used(key); continue
+                plan.append((j, key, 'prefill'))
+            else: plan.append((j, key, 'fork'))
+        if fresh:
+            encs = list(fresh.items())
+            try: made = list(zip(*ad.append_batch(model, [None]*len(encs), [(e[1], e[2]) for _, e in encs], [0]*len(encs))))
+            except Exception as e:
+                if is_oom(e): raise
+                made = None                                          # one prompt failed: each alone, so the error is its own
+            for t, (key, enc) in enumerate(encs):
+                try:
+                    if made is not None: logits, pkv, pos = made[t]
+                    else: logits, st = ad.prefill(model, enc[1], enc[2]); pkv, pos = [(l.keys, l.values) for l in st.cache.layers], st.next_pos
+                    prefixes[key] = (enc, logits, pkv, pos)
+                except Exception as e:
+                    if is_oom(e): raise
+                    for j, k, _ in plan:
+                        if k == key: errs.append((j, e)); used(key)
+        new = []
+        for j, key, kind in plan:
+            if key not in prefixes: continue                         # its prompt failed (reported in errs)
+            enc, logits, pkv, pos = prefixes[key]
+            r = reqs[j]
+            row = self._new_row(None, r.prompt, r.logits_processors, cfgs[j], encoded=enc)
+            row.logits, row.next_pos, row.index, row.lane, row.error, row.t0 = logits.clone(), pos, j, free.pop(0), None, a
+            kv.put(len(kv), pkv); used(key)
+            row.traj.timings['prefill_s'] = now() - a; log(kind, row, a)
+            new.append(row)
+        return new, errs
 
     while queue or rows:
         while queue and len(rows) < max_batch:                       # refill free slots from the queue
-            j = queue.pop(0)
-            try: rows.append(admit(j))
-            except Exception as e:
-                if is_oom(e): raise
-                yield j, e
+            js, queue = queue[:max_batch - len(rows)], queue[max_batch - len(rows):]
+            new, errs = admit(js)
+            rows += new
+            for j, e in errs: yield j, e
         if not rows: continue
         for row in rows:                                             # every row acts on its next-token logits
             a = now()
@@ -632,8 +654,20 @@ def generate_batch(self:ToolEngine, requests:list, # `Request`s, or (images, pro
             for i, row in enumerate(rows):
                 if row.plain: row.logits, row.next_pos = logits[i], row.next_pos + 1; row.traj.timings['decode_s'] += b - a
                 log('decode' if row.plain else 'paused', row, a, b)
-        for i, row in enumerate(rows):                               # tool results (and nudges) go into their own row
-            if row.plain: continue
+        together, added = [i for i, row in enumerate(rows) if not row.plain and row.cfg.reuse_cache], set()
+        if len(together) > 1:                                        # tool results (and nudges) of rows paused now: one forward
+            a = now()
+            try: made = ad.append_batch(model, [kv.kv(i) for i in together], [rows[i].seg for i in together], [rows[i].next_pos for i in together])
+            except Exception as e:
+                if is_oom(e): raise
+                made = None                                          # one segment failed: each row alone below, so the error is its own
+            if made is not None:
+                b = now()
+                for i, logits, pkv, pos in zip(together, *made):
+                    row = rows[i]; kv.put(i, pkv); row.logits, row.next_pos = logits, pos; added.add(i)
+                    row.traj.timings['append_s'] += b - a; log('result', row, a, b)
+        for i, row in enumerate(rows):                               # the rest go into their own row
+            if row.plain or i in added: continue
             a, (ids, blocks) = now(), row.seg
             try:
                 if row.cfg.reuse_cache: row.logits, st = ad.append(model, DecodeState(kv.row_cache(i), [], row.next_pos), ids, blocks)

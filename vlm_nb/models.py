@@ -407,6 +407,12 @@ def decode_positions(self:FamilyAdapter, next_pos:list # each row's next rotary 
     "Positions [B, 1] of one new token per row (1-D rotary families)."
     return torch.tensor(next_pos, dtype=torch.long)[:, None]
 
+def _step_mask(model, am:torch.Tensor # [B, K] True on the columns each row's new token may see
+              )->torch.Tensor:
+    "`am` as the attention of one new token per row wants it: a ready [B, 1, 1, K] additive mask for SDPA/eager (no mask to build per step), else [B, K]."
+    if getattr(model.config, '_attn_implementation', None) not in ('sdpa', 'eager'): return am.long()
+    return torch.zeros(am.shape[0], 1, 1, am.shape[1], dtype=model.dtype, device=am.device).masked_fill_(~am[:, None, None], torch.finfo(model.dtype).min)
+
 @patch
 def decode_batch(self:FamilyAdapter, model, cache, # a batched cache: [B, heads, W, dim] per layer
                  tokens:list, # one new token id per row
@@ -417,9 +423,51 @@ def decode_batch(self:FamilyAdapter, model, cache, # a batched cache: [B, heads,
     dev = next(model.parameters()).device
     kw = {_cache_kw(model): cache, 'position_ids': self.decode_positions(next_pos).to(dev)}
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(tokens, device=dev)[:, None], attention_mask=attention_mask.to(dev).long(),
+        out = model(input_ids=torch.tensor(tokens, device=dev)[:, None], attention_mask=_step_mask(model, attention_mask.to(dev).bool()),
                     use_cache=True, logits_to_keep=1, **kw)
     return out.logits[:, -1].float(), getattr(out, 'past_key_values', None) or getattr(out, 'cache', None) or cache
+
+@patch
+def append_batch(self:FamilyAdapter, model, pasts:list, # per row: its cache as [(keys, values)] per layer, each [1, heads, n, dim]; None: empty
+                 segments:list, # per row: (new ids, their image blocks), at least one id each
+                 next_pos:list, # per row: its next rotary position
+                )->tuple:
+    "`append` for k rows in one forward, each row's segment left-padded behind its own past: (last-position logits [k, V], each row's cache, next positions)."
+    from transformers import DynamicCache
+    if len(segments) == 1:                                  # one row: exactly `append`
+        st = DecodeState(DynamicCache(pasts[0], config=model.config), [], next_pos[0]) if pasts[0] else None
+        logits, st = self.append(model, st, *segments[0])
+        return logits[None], [[(l.keys, l.values) for l in st.cache.layers]], [st.next_pos]
+    dev, k = next(model.parameters()).device, len(segments)
+    n, lens = [0 if p is None else p[0][0].shape[-2] for p in pasts], [len(ids) for ids, _ in segments]
+    if min(lens) < 1: raise ValueError('append_batch: every row needs at least one new id')
+    P, L = max(n), max(lens)
+    ids = torch.full((k, L), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask, pos, nxt = torch.zeros(k, P + L, dtype=torch.bool), [], []
+    for r, (seg, blocks) in enumerate(segments):
+        ids[r, L - lens[r]:] = torch.tensor(list(seg))
+        mask[r, P - n[r]:P] = True; mask[r, P + L - lens[r]:] = True
+        p = self.position_ids(ids[r:r+1, L - lens[r]:], list(blocks), None, start=next_pos[r])
+        if p is None: p = torch.arange(next_pos[r], next_pos[r] + lens[r])[None]
+        nxt.append(int(p.max()) + 1)
+        pos.append(torch.cat([p[..., :1].expand(*p.shape[:-1], L - lens[r]), p], -1))   # padding repeats a position; it is masked
+    cache = DynamicCache(config=model.config)
+    if P:
+        kv = []
+        for li, (k0, v0) in enumerate(next(p for p in pasts if p)):
+            K, V = k0.new_zeros(k, k0.shape[1], P, k0.shape[3]), v0.new_zeros(k, v0.shape[1], P, v0.shape[3])
+            for r, p in enumerate(pasts):
+                if n[r]: K[r, :, P - n[r]:], V[r, :, P - n[r]:] = p[li][0][0], p[li][1][0]
+            kv.append((K, V))
+        cache = DynamicCache(kv, config=model.config)
+    blocks = [b for _, bb in segments for b in bb]
+    pix = {key: (v.to(dev) if torch.is_tensor(v) else v) for key, v in self.collate_pixels(blocks).items()} if blocks else {}
+    if 'pixel_values' in pix and pix['pixel_values'].is_floating_point(): pix['pixel_values'] = pix['pixel_values'].to(model.dtype)
+    with torch.no_grad():
+        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev).long(), position_ids=torch.cat(pos, -2).to(dev),
+                    use_cache=True, logits_to_keep=1, **{_cache_kw(model): cache}, **pix)
+    cache, m = getattr(out, 'past_key_values', None) or getattr(out, 'cache', None) or cache, mask.to(dev)
+    return out.logits[:, -1].float(), [[(l.keys[r:r+1, :, m[r]], l.values[r:r+1, :, m[r]]) for l in cache.layers] for r in range(k)], nxt
 
 # %% ../nbs/04_models.ipynb #b3a897df
 def internvl_grid(size:tuple, # original (w, h)
