@@ -534,6 +534,16 @@ class _KVBatch:
         self.mask = am
         return logits
 
+def _by_tokens(lens:list, # new tokens of each row, in order
+               budget:int, # most padded tokens (rows x longest) one forward may take
+              )->list:
+    "Consecutive index groups whose padded size (rows x longest) stays within `budget` (a longer row goes alone)."
+    out, cur, top = [], [], 0
+    for i, n in enumerate(lens):
+        if cur and (len(cur) + 1)*max(top, n) > budget: out.append(cur); cur, top = [], 0
+        cur.append(i); top = max(top, n)
+    return out + ([cur] if cur else [])
+
 def _batchable(model)->bool:
     "True when the model's cache is plain full attention (one `DynamicLayer` per layer), which the batched loop re-lays out."
     from transformers import DynamicCache
@@ -559,6 +569,7 @@ def _run_each(self:ToolEngine, reqs:list, base:GenConfig)->Iterator:
 def generate_batch(self:ToolEngine, requests:list, # `Request`s, or (images, prompt) pairs
                    max_batch:int=8, # rows decoded together; a finished row's slot goes to the next request
                    schedule:list|None=None, # if given, receives one dict per row activity (see `plot_schedule`)
+                   prefill_tokens:int=16384, # most tokens (rows x longest, padding included) one shared prompt or tool-result forward takes
                    **overrides # `GenConfig` fields for every request (a request's own `overrides` win)
                   )->Iterator:
     "Generate many answers together, one forward per step for all live rows; yields (index, `Trajectory` or the request's own error) as rows finish."
@@ -581,7 +592,7 @@ def generate_batch(self:ToolEngine, requests:list, # `Request`s, or (images, pro
         if not left[key]: prefixes.pop(key, None)
 
     def admit(js):
-        "Start requests `js` in new rows: prompts not prefilled yet go through one forward together, requests sharing a prompt copy its prefill; returns (rows, [(j, error)])."
+        "Start requests `js` in new rows: prompts not prefilled yet share forwards (`prefill_tokens` each), requests sharing a prompt copy its prefill; returns (rows, [(j, error)])."
         a, fresh, plan, errs = now(), {}, [], []
         for j in js:
             r, key = reqs[j], keys[j]
@@ -594,21 +605,21 @@ def generate_batch(self:ToolEngine, requests:list, # `Request`s, or (images, pro
                     errs.append((j, e)); used(key); continue
                 plan.append((j, key, 'prefill'))
             else: plan.append((j, key, 'fork'))
-        if fresh:
-            encs = list(fresh.items())
-            try: made = list(zip(*ad.append_batch(model, [None]*len(encs), [(e[1], e[2]) for _, e in encs], [0]*len(encs))))
+        encs, made = list(fresh.items()), []
+        for part in _by_tokens([len(e[1]) for _, e in encs], prefill_tokens):
+            try: made += list(zip(*ad.append_batch(model, [None]*len(part), [(encs[t][1][1], encs[t][1][2]) for t in part], [0]*len(part))))
             except Exception as e:
                 if is_oom(e): raise
-                made = None                                          # one prompt failed: each alone, so the error is its own
-            for t, (key, enc) in enumerate(encs):
-                try:
-                    if made is not None: logits, pkv, pos = made[t]
-                    else: logits, st = ad.prefill(model, enc[1], enc[2]); pkv, pos = [(l.keys, l.values) for l in st.cache.layers], st.next_pos
-                    prefixes[key] = (enc, logits, pkv, pos)
-                except Exception as e:
-                    if is_oom(e): raise
-                    for j, k, _ in plan:
-                        if k == key: errs.append((j, e)); used(key)
+                made = None; break                                   # one prompt failed: each alone, so the error is its own
+        for t, (key, enc) in enumerate(encs):
+            try:
+                if made is not None: logits, pkv, pos = made[t]
+                else: logits, st = ad.prefill(model, enc[1], enc[2]); pkv, pos = [(l.keys, l.values) for l in st.cache.layers], st.next_pos
+                prefixes[key] = (enc, logits, pkv, pos)
+            except Exception as e:
+                if is_oom(e): raise
+                for j, k, _ in plan:
+                    if k == key: errs.append((j, e)); used(key)
         new = []
         for j, key, kind in plan:
             if key not in prefixes: continue                         # its prompt failed (reported in errs)
@@ -654,18 +665,19 @@ def generate_batch(self:ToolEngine, requests:list, # `Request`s, or (images, pro
             for i, row in enumerate(rows):
                 if row.plain: row.logits, row.next_pos = logits[i], row.next_pos + 1; row.traj.timings['decode_s'] += b - a
                 log('decode' if row.plain else 'paused', row, a, b)
-        together, added = [i for i, row in enumerate(rows) if not row.plain and row.cfg.reuse_cache], set()
-        if len(together) > 1:                                        # tool results (and nudges) of rows paused now: one forward
+        paused, added = [i for i, row in enumerate(rows) if not row.plain and row.cfg.reuse_cache], set()
+        for part in _by_tokens([len(rows[i].seg[0]) for i in paused], prefill_tokens):
+            together = [paused[t] for t in part]                     # tool results (and nudges) of rows paused now: one forward
+            if len(together) < 2: continue
             a = now()
             try: made = ad.append_batch(model, [kv.kv(i) for i in together], [rows[i].seg for i in together], [rows[i].next_pos for i in together])
             except Exception as e:
                 if is_oom(e): raise
-                made = None                                          # one segment failed: each row alone below, so the error is its own
-            if made is not None:
-                b = now()
-                for i, logits, pkv, pos in zip(together, *made):
-                    row = rows[i]; kv.put(i, pkv); row.logits, row.next_pos = logits, pos; added.add(i)
-                    row.traj.timings['append_s'] += b - a; log('result', row, a, b)
+                continue                                             # one segment failed: each row alone below, so the error is its own
+            b = now()
+            for i, logits, pkv, pos in zip(together, *made):
+                row = rows[i]; kv.put(i, pkv); row.logits, row.next_pos = logits, pos; added.add(i)
+                row.traj.timings['append_s'] += b - a; log('result', row, a, b)
         for i, row in enumerate(rows):                               # the rest go into their own row
             if row.plain or i in added: continue
             a, (ids, blocks) = now(), row.seg
@@ -1243,7 +1255,7 @@ def bench_rollouts(json:bool=True, # print one JSON line (else a readable summar
                    max_new_tokens:int=64, # model-written tokens per trajectory
                    family:str='internvl3_5', # tiny model family
                    prompts:int=2, # distinct prompts (images + question); the trajectories share them in groups, as GRPO does
-                   repeats:int=3, # best of this many timings (each arm; the smallest is the least disturbed by other work)
+                   repeats:int=3, # best of this many timings per arm, the arms taking turns (the smallest is the least disturbed by other work)
                    workdir:str|Path|None=None,
                    quick:bool=False, # a smoke run: 4 trajectories of 40 tokens
                   )->dict:
@@ -1268,13 +1280,13 @@ def bench_rollouts(json:bool=True, # print one JSON line (else a readable summar
         raise ValueError(f'max_new_tokens={max_new_tokens} is too small for the scripted tool calls')
     eng = ToolEngine(model, ad, 'crop,identify', config=GenConfig(greedy=True, max_tool_calls=2))
     eng.run([imgs[0]], 'Warm up.', max_new_tokens=2)
-    def timed(f):
-        best, out = math.inf, None
-        for _ in range(repeats):
-            t = time.perf_counter(); out = f(); best = min(best, time.perf_counter() - t)
-        return best, out
-    t_seq, seq = timed(lambda: [eng.run(r.images, r.prompt, r.logits_processors, **r.overrides) for r in requests()])
-    t_bat, bat = timed(lambda: eng.run_batch(requests(), max_batch=n))
+    arms = {'seq': lambda: [eng.run(r.images, r.prompt, r.logits_processors, **r.overrides) for r in requests()],
+            'bat': lambda: eng.run_batch(requests(), max_batch=n)}
+    best, outs = {k: math.inf for k in arms}, {}
+    for _ in range(repeats):                          # the arms take turns, so a busy spell of the machine hits both alike
+        for k, f in arms.items():
+            t = time.perf_counter(); outs[k] = f(); best[k] = min(best[k], time.perf_counter() - t)
+    (t_seq, seq), (t_bat, bat) = (best['seq'], outs['seq']), (best['bat'], outs['bat'])
     toks = sum(t.n_new_tokens for t in seq)
     res = {'family': family, 'n': n, 'max_new_tokens': max_new_tokens,
            'sequential_tokens_per_s': round(toks/t_seq, 1), 'batched_tokens_per_s': round(sum(t.n_new_tokens for t in bat)/t_bat, 1),
