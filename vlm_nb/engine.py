@@ -1258,15 +1258,20 @@ def bench_rollouts(json:bool=True, # print one JSON line (else a readable summar
                    repeats:int=3, # best of this many timings per arm, the arms taking turns (the smallest is the least disturbed by other work)
                    workdir:str|Path|None=None,
                    quick:bool=False, # a smoke run: 4 trajectories of 40 tokens
+                   checkpoint:str|Path|None=None, # a model folder to time instead of the tiny `family` model (`benchmarks/rollouts_gpu.py` writes a 1B-sized one)
+                   device:str='cpu', dtype=None, # where and in what precision the model runs (e.g. 'cuda', torch.bfloat16)
                   )->dict:
     "Time `n` tool-using trajectories one after another vs together in `generate_batch`: tokens/s both ways and whether every token agrees."
     import json as _json
     from vlm_nb.models import make_tiny
     if quick: n, max_new_tokens = 4, 40
     work = Path(workdir or Path(tempfile.gettempdir())/'vlm_nb_bench')
-    ck = work/f'rollouts_tiny_{family}'
-    if not (ck/'config.json').exists(): make_tiny(family, ck)
-    model, ad = load_model(ck, **({'max_tiles': 1} if family == 'internvl3_5' else {'max_pixels': 224*224} if family != 'ovis2_5' else {}))
+    if checkpoint is None:
+        ck = work/f'rollouts_tiny_{family}'
+        if not (ck/'config.json').exists(): make_tiny(family, ck)
+    else: ck = Path(checkpoint); family = family_of(ck)
+    model, ad = load_model(ck, dtype=dtype, device=device,
+                           **({'max_tiles': 1} if family == 'internvl3_5' else {'max_pixels': 224*224} if family != 'ovis2_5' else {}))
     tok = ad.tokenizer
     imgs = []
     for k in range(prompts):
