@@ -27,9 +27,9 @@ from matplotlib.figure import Figure
 __all__ = ['DEMO_SYSTEM', 'REPORT_KEYS', 'LONGER_RUNS', 'DemoConfig', 'cell_name', 'cell_box', 'demo_scene', 'demo_crop_box',
            'demo_names', 'demo_call', 'object_cell', 'demo_records', 'tool_free_record', 'demo_config',
            'TrainingBudget', 'stage_path', 'run_stage', 'build_demo_data', 'demo_adapter_opts', 'make_demo_model',
-           'load_demo_model', 'chance_level', 'NoImageTokens', 'demo_engine', 'ci95', 'mean_ci95', 'evaluate_model',
-           'train_demo_sft', 'publish_model', 'grpo_demo', 'plot_before_after', 'plot_per_kind', 'plot_losses',
-           'smooth', 'plot_grpo', 'acceptance', 'report_md', 'write_report', 'run_demo', 'summary_text', 'demo_main']
+           'load_demo_model', 'chance_level', 'demo_engine', 'ci95', 'mean_ci95', 'evaluate_model', 'train_demo_sft',
+           'publish_model', 'grpo_demo', 'plot_before_after', 'plot_per_kind', 'plot_losses', 'smooth', 'plot_grpo',
+           'acceptance', 'report_md', 'write_report', 'run_demo', 'summary_text', 'demo_main']
 
 # %% ../nbs/14_demo.ipynb #9bd1ba67
 DEMO_SYSTEM = ("Tools: <tool_call>Crop [x1, y1, x2, y2]</tool_call> zooms into a box of the image; "
@@ -297,19 +297,10 @@ def chance_level(cfg:DemoConfig, kinds:dict) -> float:
     n = sum(kinds.values()) or 1
     return (kinds.get('crop', 0)/10 + kinds.get('identify', 0)/cfg.names) / n
 
-_IMAGE_TOKENS = ('<img>', '</img>', '<IMG_CONTEXT>', '<|image_pad|>', '<|video_pad|>', '<|vision_start|>', '<|vision_end|>')
-
-class NoImageTokens:
-    "Logits processor: the model never writes an image placeholder (only the engine injects images; a sampled one breaks the next forward)."
-    def __init__(self, tokenizer): self.ids = sorted(v for t, v in tokenizer.get_vocab().items() if t in _IMAGE_TOKENS)
-    def __call__(self, context:list, logits:torch.Tensor) -> torch.Tensor:
-        logits[..., self.ids] = float('-inf'); return logits
-
 def demo_engine(model, adapter, gallery:dict, cfg:DemoConfig) -> ToolEngine:
-    "The engine of every demo evaluation and GRPO rollout: demo system prompt, Crop + Identify with the gallery, greedy by default, no image placeholders written."
+    "The engine of every demo evaluation and GRPO rollout: demo system prompt, Crop + Identify with the gallery, greedy by default."
     return ToolEngine(model, adapter, tools='default', gallery=AnnotationGallery(gallery['images'], gallery.get('threshold', 0.5)),
-                      system=DEMO_SYSTEM, config=GenConfig(greedy=True, max_new_tokens=cfg.max_new_tokens, max_tool_calls=3, seed=cfg.seed),
-                      logits_processors=[NoImageTokens(adapter.tokenizer)])
+                      system=DEMO_SYSTEM, config=GenConfig(greedy=True, max_new_tokens=cfg.max_new_tokens, max_tool_calls=3, seed=cfg.seed))
 
 def ci95(k:int, n:int) -> list:
     "The Wilson 95 % interval of k/n, rounded."

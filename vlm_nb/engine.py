@@ -19,11 +19,12 @@ from .models import (DecodeState, FamilyAdapter, load_model, check_family, check
                            tool_layout_of, checkpoint_meta, DEFAULT_TOOL_LAYOUT, budget_shares)
 
 # %% auto #0
-__all__ = ['THINK_NUDGE', 'THINKING_SYSTEM_PROMPT', 'SCHEDULE_COLORS', 'IMAGE_EXTS', 'GenConfig', 'sample_token',
-           'ForcedContinuation', 'TextChunk', 'ToolCallEvent', 'ToolResultEvent', 'Finish', 'Step', 'Trajectory',
-           'ToolEngine', 'user_message_text', 'Request', 'is_oom', 'plot_schedule', 'BatchItem', 'BatchItems',
-           'batch_items', 'run_with_oom_backoff', 'batch_infer', 'frame_indices', 'read_video', 'video_prompt',
-           'image_data_url', 'RemoteEngine', 'infer_main', 'bench_toolloop', 'bench_rollouts']
+__all__ = ['THINK_NUDGE', 'THINKING_SYSTEM_PROMPT', 'IMAGE_PLACEHOLDERS', 'SCHEDULE_COLORS', 'IMAGE_EXTS', 'GenConfig',
+           'sample_token', 'ForcedContinuation', 'TextChunk', 'ToolCallEvent', 'ToolResultEvent', 'Finish', 'Step',
+           'Trajectory', 'placeholder_ids', 'ToolEngine', 'user_message_text', 'Request', 'is_oom', 'plot_schedule',
+           'BatchItem', 'BatchItems', 'batch_items', 'run_with_oom_backoff', 'batch_infer', 'frame_indices',
+           'read_video', 'video_prompt', 'image_data_url', 'RemoteEngine', 'infer_main', 'bench_toolloop',
+           'bench_rollouts']
 
 # %% ../nbs/06_engine.ipynb #546b5309
 THINK_NUDGE = "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n</think>\n\n"
@@ -238,6 +239,13 @@ def _repr_html_(self:Trajectory):
     return ''.join(out)
 
 # %% ../nbs/06_engine.ipynb #8dd5eb49
+IMAGE_PLACEHOLDERS = ('<img>', '</img>', '<IMG_CONTEXT>', '<|image_pad|>', '<|video_pad|>', '<|vision_start|>', '<|vision_end|>')
+
+def placeholder_ids(tokenizer)->list:
+    "Ids of the image-structure tokens in `tokenizer` (`IMAGE_PLACEHOLDERS`): only the engine writes them, with an image behind them."
+    ids = [(t, tokenizer.convert_tokens_to_ids(t)) for t in IMAGE_PLACEHOLDERS]
+    return sorted(i for t, i in ids if isinstance(i, int) and tokenizer.convert_ids_to_tokens(i) == t)
+
 def _as_registry(tools, gallery=None):
     "None/[] -> None (no tools); 'default' -> built-ins; names, tools or a registry -> a registry."
     if tools is None or (isinstance(tools, (list, tuple)) and not tools): return None
@@ -270,6 +278,7 @@ class ToolEngine:
         tok = adapter.tokenizer
         self.close_id = tok.convert_tokens_to_ids(TOOL_CALL_CLOSE)
         self.eos_ids = set(adapter.eos_ids)
+        self.banned_ids, self._banned = placeholder_ids(tok), {}   # never sampled: a placeholder the model wrote has no image behind it
     def __repr__(self):
         return f"ToolEngine({self.adapter.family}, tools={self.registry.names if self.registry else None})"
 
@@ -362,6 +371,10 @@ class _Row:
             nudge = tok.encode(THINK_NUDGE, add_special_tokens=False)
             traj.add('nudge', THINK_NUDGE, n_tokens=len(nudge)); self.events.append(TextChunk(THINK_NUDGE, 'nudge'))
             return self._append(nudge, [])
+        if e.banned_ids:                                            # in place: these logits are this row's own
+            dev = logits.device
+            if dev not in e._banned: e._banned[dev] = torch.tensor(e.banned_ids, device=dev)
+            logits.index_fill_(-1, e._banned[dev], -math.inf)
         for p in self.procs: logits = p(self.ids, logits)
         tid = sample_token(logits, cfg, self.gen, self.ids if cfg.repetition_penalty != 1.0 else None)
         self.n_new += 1

@@ -581,7 +581,7 @@ def mrope_positions(input_ids, # [B, L] ids
         keep = torch.ones(L, dtype=torch.bool) if attention_mask is None else attention_mask[b].bool().cpu()
         toks, cur, i, out = input_ids[b].cpu()[keep].tolist(), start, 0, []
         while i < len(toks):
-            if toks[i] == image_token_id:
+            if toks[i] == image_token_id and gi < len(grids):          # (a stray placeholder with no image behind it counts as text)
                 t, h, w = grids[gi]; gi += 1; h, w = h//merge_size, w//merge_size
                 tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing='ij')
                 out.append(torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + cur)
