@@ -11,6 +11,16 @@ from vlm_nb.tools import ToolRegistry
 from vlm_nb.builtin_tools.crop_tool import CropTool
 from vlm_nb.builtin_tools.identify_tool import IdentifyTool
 
+if sys.argv[1] == 'advantages':           # `_grpo_dist.py advantages SCALE`: the advantages of [[1,0,0,0],[5,4,4,4]], group i on process i mod N
+    from vlm_nb.grpo import _dist, step_advantages, _all_gather
+    rank, world = _dist('cpu')
+    groups = [[1., 0, 0, 0], [5., 4, 4, 4]]
+    mine = [g for i, g in enumerate(groups) if i % world == rank]
+    adv = step_advantages([x for g in mine for x in g], 4, [True]*4*len(mine), sys.argv[2], world)
+    parts = _all_gather(adv.tolist(), world)
+    if rank == 0: print(json.dumps({'world_size': world, 'advantages': [parts[i % world][4*(i//world):4*(i//world) + 4] for i in range(len(groups))]}))
+    sys.exit(0)
+
 model_dir, out, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 ds = sys.argv[4] if len(sys.argv) > 4 else None
 tasks, gallery = synthetic_tasks(2)

@@ -7,7 +7,8 @@ import pytest, torch
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from vlm_nb.grpo import (GRPOConfig, GRPOTask, Rollout, RewardWeights, simulate_rollout, score_rollout, synthetic_tasks,
                          group_advantages, token_logprobs, policy_loss, loss_weights, prepare_policy, generate_group,
-                         train_grpo, train_grpo_main, load_grpo_config, _unwrap)
+                         generate_groups, train_grpo, train_grpo_main, load_grpo_config, _unwrap, resolve_device, resolve_dtype,
+                         reward_crop, best_assignment, _exact_assignment, rollout_logprobs, rollout_inputs, lr_factor)
 from vlm_nb.sequences import PROMPT, TRAINED, TOOL_RESPONSE, IMAGE, CONTEXT
 from vlm_nb.tools import ToolRegistry
 from vlm_nb.builtin_tools.crop_tool import CropTool
@@ -149,7 +150,7 @@ def _log(path): return [json.loads(l) for l in Path(path).read_text().splitlines
 
 
 def test_killed_run_resumes_to_the_same_numbers(tiny, tmp_path):
-    base = dict(model=tiny, steps=3, **FAST)
+    base = dict(model=tiny, steps=3, save_every=1, **FAST)
     full = train_grpo(GRPOConfig(output_dir=str(tmp_path/'a'), **base))
     assert full['steps'] == 3 and full['tool_calls_executed'] >= 6 and full['resumed_from'] is None
 
@@ -176,7 +177,7 @@ def test_variants_full_mode_kl_and_masking(tiny, tmp_path):
     assert s['steps'] == 1 and math.isfinite(rec['loss'])
     # LoRA with a KL term: the reference is the base model (adapter disabled), so the KL is exactly 0 before the first
     # update and positive once the adapter has moved (it would stay 0 if the reference were the policy itself)
-    s2 = train_grpo(GRPOConfig(output_dir=str(tmp_path/'lora'), model=tiny, steps=2, beta=0.04, loss_type='dr_grpo', **FAST))
+    s2 = train_grpo(GRPOConfig(output_dir=str(tmp_path/'lora'), model=tiny, steps=2, beta=0.04, loss_type='dr_grpo', warmup_ratio=0.0, **FAST))
     l2 = _log(s2['log'])
     assert all(math.isfinite(r['loss']) for r in l2) and l2[0]['grad_norm'] > 0
     assert l2[0]['kl'] < 1e-7 and l2[1]['kl'] > 1e-6, [r['kl'] for r in l2]
@@ -257,3 +258,187 @@ def test_loss_weights_over_processes():
         whole = loss_weights(m, lt, 3)
         parts = torch.cat([loss_weights(m[:2], lt, 3, n_rows=3, n_tokens=int(m.sum())), loss_weights(m[2:], lt, 3, n_rows=3, n_tokens=int(m.sum()))])
         assert torch.allclose(whole, parts), lt
+
+
+# ---------------------------------------------------------------- issue 24: device, batched log-probs, batch scaling, crop matching
+def test_device_resolution_picks_cuda_when_present(monkeypatch):
+    "With CUDA present, 'auto' is this process's GPU (cuda:LOCAL_RANK) and bf16 where supported; without it, the CPU in float32."
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    assert resolve_device('auto') == 'cuda:1' and resolve_device(GRPOConfig().device) == 'cuda:1'
+    assert resolve_device('cuda') == 'cuda:1' and resolve_device('cpu') == 'cpu' and resolve_device('cuda:0') == 'cuda:0'
+    assert resolve_dtype('auto', 'cuda:1') == torch.bfloat16 and resolve_dtype('float32', 'cuda:1') == torch.float32
+    from vlm_nb.grpo import dist_backend
+    monkeypatch.delenv('VLM_NB_DIST_BACKEND', raising=False)
+    assert dist_backend('cuda:1') == 'nccl' and dist_backend('cpu') == 'gloo'
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert resolve_device('auto') == 'cpu' and resolve_dtype('auto', 'cpu') == torch.float32
+    with pytest.raises(ValueError, match='not available'): resolve_device('cuda')
+
+
+def test_full_mode_freezes_vision_and_reference_on_policy_device(tiny, tmp_path):
+    "Full mode trains the LLM with the vision tower frozen (as SFT), all parameters on the resolved device."
+    from vlm_nb.sft import trainable_report
+    cfg = GRPOConfig(model=tiny, output_dir=str(tmp_path), mode='full', **FAST)
+    policy, ad, _ = prepare_policy(cfg)
+    rep = trainable_report(policy, ad.family)
+    assert rep['vision'][0] == 0 and rep['llm'][0] == rep['llm'][1] > 0
+    assert {str(p.device) for p in policy.parameters()} == {resolve_device('auto')}
+    assert next(policy.parameters()).dtype == resolve_dtype('auto', resolve_device('auto'))
+
+
+def test_lr_schedule():
+    f = [lr_factor(s, 10, 0.1, 'cosine') for s in range(10)]
+    assert f[0] == 0.5 and f[1] == 1.0 and all(a > b for a, b in zip(f[1:], f[2:])) and f[-1] > 0
+    assert [lr_factor(s, 3, 0.0, 'constant') for s in range(3)] == [1.0]*3
+
+
+@pytest.mark.parametrize('family', ['internvl3_5', 'qwen2_5_vl'])
+def test_batched_logprobs_equal_one_at_a_time(family, data, tmp_path):
+    "Rollouts of two prompts (different lengths), each with a crop image inside, in one padded forward: the log-probs of one at a time (fp32, 1e-5)."
+    _, _, reg, crop, ident = data
+    from vlm_nb.models import make_tiny
+    from vlm_nb.engine import ToolEngine
+    d = make_tiny(family, tmp_path/'m', seed=0)
+    cfg = GRPOConfig(model=str(d), output_dir=str(tmp_path/'o'), **{**FAST, 'max_new_tokens': 10})
+    policy, ad, _ = prepare_policy(cfg)
+    inner = _unwrap(policy).eval()
+    crops = [t for t in synthetic_tasks(3, kinds=('crop',))[0] if 'Crop' in t.needs]
+    tasks = [crops[0], next(t for t in crops if len(t.question) != len(crops[0].question))]
+    groups = generate_groups(ToolEngine(inner, ad, tools=reg), tasks, 2, [[1, 2], [3, 4]], cfg)
+    rs = [r for g in groups for r in g]
+    assert all(r.n_executed >= 1 and 'crop' in r.image_roles for r in rs) and len({r.prompt_len for r in rs}) == 2
+    x = rollout_inputs(ad, rs)
+    if family.startswith('qwen'): assert x['position_ids'].shape == (3, len(rs), x['input_ids'].shape[1])
+    with torch.no_grad():
+        one = [rollout_logprobs(inner, ad, r, cfg.temperature) for r in rs]
+        lp, m = rollout_logprobs(inner, ad, rs, cfg.temperature, chunk_tokens=7)
+        # the full-logits reference for the first rollout
+        x0 = rollout_inputs(ad, rs[:1])
+        full = token_logprobs(ad.forward(inner, **x0).logits, x0['input_ids'])[:, rs[0].prompt_len - 1:]
+    assert torch.allclose(one[0][0][one[0][1]], full[one[0][1]], rtol=0, atol=1e-5)
+    for i, (l1, m1) in enumerate(one):
+        T = l1.shape[1]
+        assert torch.equal(m[i, :T], m1[0]) and not m[i, T:].any() and m1.sum() > 0
+        assert torch.allclose(lp[i, :T], l1[0], rtol=0, atol=1e-5), (i, (lp[i, :T] - l1[0]).abs().max())
+    # the gradient flows through the batched pass
+    policy.train()
+    lpg, mg = rollout_logprobs(inner, ad, rs, cfg.temperature)
+    (lpg*mg).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters() if p.requires_grad)
+
+
+def test_logprob_batch_and_checkpointing_give_the_same_step(tiny, tmp_path):
+    "One training step with logprob_batch 1 vs 4 (and gradient checkpointing): the same loss and gradient norm."
+    base = dict(model=tiny, steps=1, **{**FAST, 'num_generations': 3})
+    a = train_grpo(GRPOConfig(output_dir=str(tmp_path/'a'), logprob_batch=1, **base))
+    b = train_grpo(GRPOConfig(output_dir=str(tmp_path/'b'), logprob_batch=4, gradient_checkpointing=True, **base))
+    la, lb = _log(a['log'])[0], _log(b['log'])[0]
+    assert la['grad_norm'] == pytest.approx(lb['grad_norm'], rel=1e-4) and la['loss'] == pytest.approx(lb['loss'], rel=1e-4, abs=1e-7)
+    assert la['grad_norm'] > 0
+
+
+def test_rollouts_back_off_on_oom(tiny, data, tmp_path):
+    "An out-of-memory error while decoding halves the rollout batch and retries: the same rollouts."
+    _, _, reg, crop, _ = data
+    from vlm_nb.engine import ToolEngine
+    cfg = GRPOConfig(model=tiny, output_dir=str(tmp_path), **FAST)
+    policy, ad, _ = prepare_policy(cfg)
+    eng = ToolEngine(_unwrap(policy).eval(), ad, tools=reg)
+    ref = generate_groups(eng, [crop, crop], 2, [[1, 2], [3, 4]], cfg)
+    def small(reqs, max_batch=None, **kw):
+        if (max_batch or len(reqs)) > 1: raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
+        return type(eng).run_batch(eng, reqs, max_batch=max_batch, **kw)
+    eng.run_batch = small
+    bo = {'batch': 4, 'oom_retries': 0}
+    got = generate_groups(eng, [crop, crop], 2, [[1, 2], [3, 4]], cfg, backoff=bo)
+    assert bo == {'batch': 1, 'oom_retries': 2}
+    assert [r.ids for g in got for r in g] == [r.ids for g in ref for r in g]
+    def never(reqs, max_batch=None, **kw): raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
+    eng.run_batch = never
+    with pytest.raises(torch.OutOfMemoryError): generate_groups(eng, [crop], 2, [[1, 2]], cfg, backoff={'batch': 2, 'oom_retries': 0})
+
+
+def test_batch_scaling_over_two_processes_equals_one():
+    "scale_rewards='batch': the std of every process's rewards, so 2 gloo processes give the advantages of 1 (0.343, not 1.5)."
+    import socket, subprocess, sys
+    script = str(Path(__file__).parent/'_grpo_dist.py')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    env.pop('VLM_NB_DIST_BACKEND', None)
+    def run(nproc, scale):
+        if nproc == 1: cmd = [sys.executable, script]
+        else:
+            with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+            cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(port), script]
+        p = subprocess.run(cmd + ['advantages', scale], capture_output=True, text=True, timeout=300, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads([l for l in p.stdout.splitlines() if l.startswith('{')][-1])
+    one, two = run(1, 'batch'), run(2, 'batch')
+    assert (one['world_size'], two['world_size']) == (1, 2)
+    assert torch.allclose(torch.tensor(one['advantages']), torch.tensor(two['advantages']), rtol=0, atol=1e-6)
+    assert one['advantages'][0][0] == pytest.approx(0.75/math.sqrt(33.5/7), abs=1e-4)          # 0.343
+    local = group_advantages([[1., 0, 0, 0]], scale='batch')                                       # one process's own std
+    assert float(local[0, 0]) == pytest.approx(1.5, abs=1e-3)
+    assert torch.allclose(torch.tensor(run(2, 'group')['advantages']), group_advantages([[1., 0, 0, 0], [5., 4, 4, 4]]), atol=1e-6)
+
+
+def _crop_rollout(boxes, failed=()):
+    return Rollout([('model', '<answer>x</answer>')], [{'name': 'Crop', 'result': 'error' if i in failed else 'image', 'box': None if i in failed else b}
+                                                       for i, b in enumerate(boxes)])
+
+def test_crop_reward_matches_crops_to_boxes_one_to_one(data):
+    "Each referenced object cropped once beats one object, one object twice, the whole image, and the right crops plus random ones."
+    crop = data[3]
+    W, H = crop.images[0].size
+    b1, b2 = [10, 10, 60, 60], [100, 80, 150, 140]
+    t = GRPOTask('two', crop.images, 'q', 'a', boxes=[b1, b2], needs=('Crop',))
+    rng = __import__('random').Random(0)
+    def rnd():
+        x1, y1 = rng.uniform(0, W - 20), rng.uniform(0, H - 20)
+        return [x1, y1, x1 + rng.uniform(10, 60), y1 + rng.uniform(10, 60)]
+    each = reward_crop(_crop_rollout([b2, b1]), t)                       # any order
+    assert each == pytest.approx(1.0)
+    others = {'one object': [b1], 'one object twice': [b1, b1], 'the other twice': [b2, b2], 'whole image': [[0, 0, W, H]],
+              'one right + one random': [b1, rnd()], 'both right + random': [b1, b2, rnd()], 'both right + 2 random': [b1, rnd(), b2, rnd()],
+              'slightly off both': [[12, 12, 62, 62], [102, 82, 152, 142]]}
+    for k, boxes in others.items(): assert reward_crop(_crop_rollout(boxes), t) < each, k
+    assert reward_crop(_crop_rollout([b1]), t) == pytest.approx(0.5) and reward_crop(_crop_rollout([b1, b1]), t) == pytest.approx(0.5)
+    assert reward_crop(_crop_rollout([b1, b2, b1]), t) == pytest.approx(2/3 - 0.1)
+    assert reward_crop(_crop_rollout([b1, b2], failed={1}), t) == pytest.approx(0.5)        # a failed crop is a crop with IoU 0
+    assert reward_crop(_crop_rollout([]), t) == 0.0
+    # the fallback exact search agrees with scipy's assignment (when scipy is installed)
+    import numpy as np
+    g = np.random.default_rng(0)
+    for shape in [(1, 1), (2, 3), (4, 2), (5, 5)]:
+        m = g.random(shape)
+        r, c = _exact_assignment(m)
+        assert len(r) == min(shape) and len(set(c)) == len(c)
+        br, bc = best_assignment(m)
+        assert m[r, c].sum() == pytest.approx(m[br, bc].sum())
+
+
+def test_full_mode_writes_weights_once_and_resumes(tiny, tmp_path):
+    "Full mode: a checkpoint's weights are a model folder (not also in state.pt), final/ links the last one's files, and a killed run resumes to the same numbers."
+    base = dict(model=tiny, mode='full', steps=2, save_every=1, **FAST)
+    a = train_grpo(GRPOConfig(output_dir=str(tmp_path/'a'), **base))
+    ck = tmp_path/'a'/'checkpoints'/'step-000002'
+    st = torch.load(ck/'state.pt', weights_only=True)
+    assert 'trainable' not in st and st['weights'] == 'model'
+    files = list((ck/'model').glob('*.safetensors'))
+    assert files and all(os.path.samefile(f, tmp_path/'a'/'final'/f.name) for f in files)   # one copy of the bytes on disk
+    from vlm_nb.models import load_model
+    m, _ = load_model(tmp_path/'a'/'final')                                                  # the final model loads
+    class Killed(Exception): pass
+    def kill(step, rec):
+        if step == 1: raise Killed()
+    with pytest.raises(Killed): train_grpo(GRPOConfig(output_dir=str(tmp_path/'b'), **base), on_step=kill)
+    b = train_grpo(GRPOConfig(output_dir=str(tmp_path/'b'), **base))
+    assert b['resumed_from'] == 1
+    keys = ['step', 'loss', 'grad_norm', 'reward_mean', 'completion_tokens', 'lr']
+    la, lb = _log(a['log']), _log(b['log'])
+    for ra, rb in zip(la, lb):
+        for k in keys: assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra['step'], k)
+    assert len(la) == len(lb) == 2
+    ma, _ = load_model(tmp_path/'b'/'final')
+    for (n, p), (_, q) in zip(m.named_parameters(), ma.named_parameters()): assert torch.allclose(p, q, atol=1e-6), n

@@ -388,7 +388,8 @@ def grpo_demo(cfg:DemoConfig, model_dir, out, seconds:float|None=None # wall-tim
     gc = GRPOConfig(model=str(model_dir), output_dir=str(Path(out)/'grpo'), mode='full', adapter=demo_adapter_opts(cfg),
                     steps=cfg.grpo_steps, prompts_per_step=cfg.grpo_prompts, num_generations=cfg.grpo_generations,
                     num_iterations=cfg.grpo_iterations, max_new_tokens=cfg.max_new_tokens, max_turns=3, lr=cfg.grpo_lr,
-                    temperature=cfg.grpo_temperature, seed=cfg.seed, progress=not cfg.quick, save_every=max(1, cfg.grpo_steps//4))
+                    temperature=cfg.grpo_temperature, seed=cfg.seed, progress=not cfg.quick, save_every=max(1, cfg.grpo_steps//4),
+                    freeze=[], scheduler='constant', warmup_ratio=0.0)   # the vision tower must keep learning to read the crop
     tasks = load_tasks(d/'train.json')
     run = lambda: train_grpo(gc, tasks=tasks, model=model, adapter=ad, registry=eng.registry,
                              rollout_fn=lambda task, G, seeds: generate_group(eng, task, G, seeds, gc, d))

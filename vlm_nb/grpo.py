@@ -21,12 +21,14 @@ from .models import CHECKPOINT_META, checkpoint_meta, resolve_model, budget_shar
 
 # %% auto #0
 __all__ = ['CROP_CALL_COST', 'REWARD_FUNCS', 'Rollout', 'simulate_rollout', 'GRPOTask', 'task_from_record', 'synthetic_tasks',
-           'load_tasks', 'answer_text', 'reward_answer', 'reward_identity', 'reward_crop', 'reward_format',
-           'penalty_self_response', 'penalty_empty_answer', 'penalty_turn_budget', 'RewardWeights', 'score_rollout',
-           'group_advantages', 'token_logprobs', 'loss_weights', 'per_token_loss', 'policy_loss', 'GRPOConfig',
-           'load_grpo_config', 'TokenRecorder', 'jitter_box', 'scripted_prefix', 'rollout_from_trajectory',
-           'generate_groups', 'generate_group', 'prepare_policy', 'rollout_logprobs', 'save_checkpoint',
-           'latest_checkpoint', 'load_checkpoint', 'step_stats', 'train_grpo', 'train_grpo_main', 'demo_grpo']
+           'load_tasks', 'answer_text', 'reward_answer', 'reward_identity', 'best_assignment', 'reward_crop',
+           'reward_format', 'penalty_self_response', 'penalty_empty_answer', 'penalty_turn_budget', 'RewardWeights',
+           'score_rollout', 'group_advantages', 'token_logprobs', 'loss_weights', 'per_token_loss', 'policy_loss',
+           'GRPOConfig', 'load_grpo_config', 'resolve_device', 'resolve_dtype', 'warmup_steps', 'lr_factor',
+           'TokenRecorder', 'jitter_box', 'scripted_prefix', 'rollout_from_trajectory', 'generate_groups',
+           'generate_group', 'prepare_policy', 'rollout_inputs', 'rollout_logprobs', 'save_checkpoint',
+           'latest_checkpoint', 'load_checkpoint', 'step_stats', 'dist_backend', 'batch_reward_stats',
+           'step_advantages', 'train_grpo', 'train_grpo_main', 'demo_grpo']
 
 # %% ../nbs/08_grpo.ipynb #43b4e8c3
 @dataclass(eq=False)
@@ -196,14 +198,42 @@ def reward_identity(r: Rollout, task: GRPOTask) -> float:
 
 CROP_CALL_COST = 0.1   # crop reward lost per Crop call beyond one per ground-truth box
 
+def _exact_assignment(m: np.ndarray) -> tuple:
+    "(rows, cols) of a maximum-weight one-to-one matching of `m` [n, k] by dynamic programming over the smaller side's subsets."
+    if m.shape[0] > m.shape[1]: c, r = _exact_assignment(m.T); return r, c
+    n, k = m.shape
+    if k > 16: raise ValueError(f'{n} x {k}: too large for the exact search; install scipy')
+    from functools import lru_cache
+    @lru_cache(None)
+    def best(i, used):
+        if i == n: return 0., ()
+        out = (-1., ())
+        for j in range(k):
+            if not used >> j & 1:
+                v, rest = best(i + 1, used | 1 << j)
+                if v + m[i, j] > out[0]: out = (v + m[i, j], ((i, j),) + rest)
+        return out
+    pairs = best(0, 0)[1]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+def best_assignment(m) -> tuple:
+    "(rows, cols): the one-to-one matching of rows to columns with the largest total weight (scipy's `linear_sum_assignment` when installed)."
+    m = np.asarray(m, dtype=np.float64)
+    if m.size == 0: return [], []
+    try: from scipy.optimize import linear_sum_assignment
+    except ImportError: return _exact_assignment(m)
+    r, c = linear_sum_assignment(m, maximize=True)
+    return r.tolist(), c.tolist()
+
 def reward_crop(r: Rollout, task: GRPOTask, call_cost: float|None=None) -> float:
-    "Mean best IoU of the attempted Crop calls (failed ones 0) minus `call_cost` per extra call (tasks that need Crop; else 0)."
+    "Crops matched one-to-one to the referenced boxes: sum of matched IoUs / max(#crops, #boxes), minus `call_cost` per extra call (failed crops count as IoU 0)."
     if 'Crop' not in task.needs or not task.boxes: return 0.
     crops = [c for c in r.calls if c['name'] == 'Crop']
     if not crops: return 0.
-    ious = [max(iou(c['box'], g) for g in task.boxes) if c['result'] == 'image' and c['box'] else 0. for c in crops]
+    m = np.array([[iou(c['box'], g) if c['result'] == 'image' and c['box'] else 0. for g in task.boxes] for c in crops])
+    rows, cols = best_assignment(m)
     cost = CROP_CALL_COST if call_cost is None else call_cost
-    return sum(ious)/len(ious) - cost*max(0, len(crops) - len(task.boxes))
+    return float(m[rows, cols].sum())/max(len(crops), len(task.boxes)) - cost*max(0, len(crops) - len(task.boxes))
 
 _STRUCT_RE = re.compile(r'\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*(?:<\|im_end\|>)?\s*', re.S)
 
@@ -256,7 +286,9 @@ def group_advantages(rewards, # [N, G] rewards (N prompts, G completions each), 
                      G: int|None=None, # group size for flat input
                      valid=None, # [N, G] bool: which rollouts count (default all)
                      scale: str='group', # 'group' | 'batch' | 'none'
-                     eps: float=1e-4) -> torch.Tensor:
+                     eps: float=1e-4,
+                     batch_stats: tuple|None=None, # (std, n_valid) of the whole batch for scale='batch' (several processes); default: from `rewards`
+                    ) -> torch.Tensor:
     "(r - group mean) / (std + eps) per group; invalid rollouts get 0 and are left out of the statistics."
     r = torch.as_tensor(rewards, dtype=torch.float64)
     if r.dim() == 1: r = r.view(-1, G)
@@ -268,9 +300,9 @@ def group_advantages(rewards, # [N, G] rewards (N prompts, G completions each), 
     if scale == 'group':
         std = ((adv**2).sum(1, keepdim=True)/(n - 1).clamp(min=1)).sqrt()
         adv = torch.where(std > 0, adv/(std + eps), torch.zeros_like(adv))
-    elif scale == 'batch' and v.sum() > 1:
-        std = r[v].std()
-        if std > 0: adv = adv/(std + eps)
+    elif scale == 'batch':
+        std, nv = batch_stats if batch_stats is not None else (float(r[v].std()) if v.sum() > 1 else 0., int(v.sum()))
+        if nv > 1 and std > 0: adv = adv/(std + eps)
     return torch.where(v & (n > 1), adv, torch.zeros_like(adv)).float()
 
 # %% ../nbs/08_grpo.ipynb #cc1c6cd7
@@ -334,6 +366,7 @@ class GRPOConfig:
     synthetic_images: int = 4        # scenes for data='synthetic'
     output_dir: str = 'runs/grpo'    # checkpoints/, log.jsonl, final/
     mode: str = 'lora'               # 'lora' | 'full'
+    freeze: list = field(default_factory=lambda: ['vision']) # parts not trained in full mode: any of 'vision', 'projector', 'llm' (as in SFT); [] trains all
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16, dropout=0.0))
     adapter: dict = field(default_factory=dict) # family adapter options, e.g. {'max_pixels': 401408}
     steps: int = 10                  # optimizer steps (one rollout batch each)
@@ -342,11 +375,16 @@ class GRPOConfig:
     num_iterations: int = 1          # optimizer passes over each rollout batch (>1: ratios and clipping become active)
     max_new_tokens: int = 256        # model-written tokens per completion (scripted prefix tokens come on top)
     max_turns: int = 4               # tool-call budget per completion
-    rollout_batch: int = 64          # rollouts decoded together by the engine's batched loop (all groups of a step, up to this)
+    rollout_batch: int = 64          # rollouts decoded together by the engine's batched loop (all groups of a step, up to this; halved on out-of-memory)
+    logprob_batch: int = 4           # rollouts per teacher-forced forward of the loss (right-padded, each row with its own positions)
+    logprob_chunk: int|None = 128    # completion tokens whose logits are built at once (128 x 151k ids: 78 MB of float32; None: `vlm_nb.logprobs.default_chunk`)
+    gradient_checkpointing: bool = False # recompute the model's activations in backward (less memory, ~30% more compute)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     lr: float = 1e-5
+    warmup_ratio: float = 0.03       # linear warmup over this fraction of the steps (rounded up; the first step already learns)
+    scheduler: str = 'cosine'        # 'cosine' | 'linear' | 'constant': the learning rate after warmup, as in SFT
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     beta: float = 0.0                # KL weight to the reference model (0: reference-free, no reference forward)
@@ -358,23 +396,30 @@ class GRPOConfig:
     rewards: RewardWeights = field(default_factory=RewardWeights)
     scripted: str = 'none'           # 'none' | 'call': force '<think>' + the reference's first call (box jittered), then sample
     scripted_jitter: float = 0.1     # box jitter, as a fraction of the box size, for scripted calls
-    save_every: int = 1              # checkpoint every N steps
+    save_every: int = 10             # checkpoint every N steps (and after the last one)
     save_total_limit: int = 2        # checkpoints kept
     resume: bool = True              # continue from the newest checkpoint in output_dir
     seed: int = 0
-    dtype: str = 'float32'
+    device: str = 'auto'             # 'auto': cuda:LOCAL_RANK when CUDA is available, else 'cpu'; or e.g. 'cuda:1', 'cpu'
+    dtype: str = 'auto'              # 'auto': bfloat16 on a GPU that supports it, else float32; or 'float32' | 'bfloat16' | 'float16'
     progress: bool = False           # tqdm bar over steps
     deepspeed: str|None = None       # 'zero0' | 'zero1' | 'zero2' | 'zero2_offload' (shipped configs) or a DeepSpeed JSON path; ZeRO-3 is refused
 
     def check(self):
         "Raise ValueError for inconsistent settings."
         opts = {'mode': ('lora', 'full'), 'loss_type': ('grpo', 'token', 'dr_grpo'), 'scale_rewards': ('group', 'batch', 'none'),
-                'over_budget': ('penalize', 'mask'), 'scripted': ('none', 'call')}
+                'over_budget': ('penalize', 'mask'), 'scripted': ('none', 'call'), 'scheduler': ('cosine', 'linear', 'constant'),
+                'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
         for k, ok in opts.items():
             if getattr(self, k) not in ok: raise ValueError(f"{k} must be one of {', '.join(map(repr, ok))}, not {getattr(self, k)!r}")
         if self.num_generations < 2: raise ValueError('num_generations must be >= 2 (advantages are relative to the group)')
-        for k in ('steps', 'prompts_per_step', 'num_iterations', 'max_new_tokens', 'save_every', 'rollout_batch'):
+        for k in ('steps', 'prompts_per_step', 'num_iterations', 'max_new_tokens', 'save_every', 'rollout_batch', 'logprob_batch'):
             if getattr(self, k) < 1: raise ValueError(f'{k} must be >= 1')
+        if self.logprob_chunk is not None and self.logprob_chunk < 1: raise ValueError('logprob_chunk must be >= 1 (or null)')
+        if not 0 <= self.warmup_ratio < 1: raise ValueError('warmup_ratio must be in [0, 1)')
+        bad = set(self.freeze) - {'vision', 'projector', 'llm'}
+        if bad: raise ValueError(f"freeze: unknown part(s) {sorted(bad)}; expected any of 'vision', 'projector', 'llm'")
+        if not re.fullmatch(r'auto|cpu|cuda(:\d+)?|mps', str(self.device)): raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {self.device!r}")
         if self.beta < 0: raise ValueError('beta must be >= 0')
         if self.deepspeed and re.fullmatch(r'zero3.*', str(self.deepspeed)):
             raise ValueError(f"deepspeed={self.deepspeed!r}: GRPO supports ZeRO stages 0-2 (each process generates its own rollouts, "
@@ -409,6 +454,37 @@ def load_grpo_config(path=None, # JSON or YAML file (None: defaults)
         _update(cfg, d)
     if overrides: apply_overrides(cfg, overrides)
     return cfg.check()
+
+# %% ../nbs/08_grpo.ipynb #b0584217
+def resolve_device(device: str='auto', # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
+                   local_rank: int|None=None, # default: $LOCAL_RANK (0 when unset)
+                  ) -> str:
+    "The device to train on: 'auto' is `cuda:LOCAL_RANK` when CUDA is available, else 'cpu'; 'cuda' gets the local rank too."
+    if device not in ('auto', 'cuda'): return device
+    if not torch.cuda.is_available():
+        if device == 'cuda': raise ValueError("device='cuda' but CUDA is not available here")
+        return 'cpu'
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) if local_rank is None else local_rank}"
+
+def resolve_dtype(dtype: str, # 'auto' | 'float32' | 'bfloat16' | 'float16'
+                  device: str) -> torch.dtype:
+    "The weights' dtype: 'auto' is bfloat16 on a CUDA device that supports it, else float32."
+    if dtype != 'auto': return getattr(torch, dtype)
+    return torch.bfloat16 if str(device).startswith('cuda') and torch.cuda.is_bf16_supported() else torch.float32
+
+def warmup_steps(steps: int, warmup_ratio: float) -> int: return math.ceil(warmup_ratio*steps)
+
+def lr_factor(step: int, # 0-based optimizer step
+              steps: int, # steps of the run
+              warmup_ratio: float=0.03, scheduler: str='cosine') -> float:
+    "The learning rate of `step` as a fraction of the peak: linear warmup, then cosine / linear decay or constant."
+    W = warmup_steps(steps, warmup_ratio)
+    if step < W: return (step + 1)/(W + 1)
+    if scheduler == 'constant': return 1.0
+    p = (step - W)/max(1, steps - W)                     # 0 at the first step after warmup, < 1 at the last
+    if scheduler == 'linear': return 1.0 - p
+    if scheduler == 'cosine': return 0.5*(1.0 + math.cos(math.pi*p))
+    raise ValueError(f"scheduler must be 'cosine', 'linear' or 'constant', not {scheduler!r}")
 
 # %% ../nbs/08_grpo.ipynb #e8f82c2b
 class TokenRecorder:
@@ -497,12 +573,21 @@ def _group_requests(engine, task: GRPOTask, G: int, seeds: list, cfg: GRPOConfig
 def generate_groups(engine, # a `vlm_nb.engine.ToolEngine`
                     tasks: list, G: int, # G completions of each task
                     seeds: list, # per task, one sampling seed per completion
-                    cfg: GRPOConfig, image_root=None) -> list:
-    "G rollouts of each task (one list per task), all decoded together by the engine's batched loop, `cfg.rollout_batch` rows at a time."
-    reqs, recs = [], []
-    for task, s in zip(tasks, seeds):
-        q, r = _group_requests(engine, task, G, s, cfg, image_root); reqs += q; recs += r
-    trajs = engine.run_batch(reqs, max_batch=cfg.rollout_batch) if reqs else []
+                    cfg: GRPOConfig, image_root=None,
+                    backoff: dict|None=None, # {'batch': rows, 'oom_retries': n}: the rows to try (halved and kept on OOM); default from `cfg.rollout_batch`
+                   ) -> list:
+    "G rollouts of each task (one list per task), all decoded together by the engine's batched loop; on out-of-memory the batch is halved and retried."
+    from vlm_nb.engine import is_oom
+    backoff = {'batch': cfg.rollout_batch, 'oom_retries': 0} if backoff is None else backoff
+    while True:
+        reqs, recs = [], []                       # fresh requests (recorders, forced prefixes) for every try
+        for task, s in zip(tasks, seeds):
+            q, r = _group_requests(engine, task, G, s, cfg, image_root); reqs += q; recs += r
+        try: trajs = engine.run_batch(reqs, max_batch=backoff['batch']) if reqs else []; break
+        except Exception as e:
+            if not is_oom(e) or backoff['batch'] <= 1: raise
+            backoff['batch'] = max(1, backoff['batch']//2); backoff['oom_retries'] += 1
+            if torch.cuda.is_available(): torch.cuda.empty_cache()
     bad = next((t for t in trajs if isinstance(t, Exception)), None)
     if bad is not None: raise bad
     rolls = [rollout_from_trajectory(t, rec.positions, cfg.max_turns, forced=rec.forced) for t, rec in zip(trajs, recs)]
@@ -517,39 +602,82 @@ def generate_group(engine, # a `vlm_nb.engine.ToolEngine`
 
 # %% ../nbs/08_grpo.ipynb #db532b5f
 def prepare_policy(cfg: GRPOConfig, model=None, adapter=None) -> tuple:
-    "(model, adapter, base_dir): load `cfg.model` (or make the tiny model) and wrap it for LoRA when `cfg.mode='lora'`."
+    "(model, adapter, base_dir): `cfg.model` (or the tiny model) on `cfg.device` in `cfg.dtype`, wrapped for LoRA or with `cfg.freeze` frozen."
     from vlm_nb.models import load_model, make_tiny
+    from vlm_nb.sft import freeze_parts
+    dev = resolve_device(cfg.device)
+    if dev.startswith('cuda'): torch.cuda.set_device(torch.device(dev))
     base = None
     if model is None:
         if cfg.model.startswith('tiny:'):
             base = Path(cfg.output_dir)/'base_model'
             if not (base/'config.json').exists(): make_tiny(cfg.model[5:], base, seed=cfg.seed)
         else: base = resolve_model(cfg.model).path    # a checkpoint, LoRA adapter or run folder
-        model, adapter = load_model(base, dtype=getattr(torch, cfg.dtype), **cfg.adapter)
+        model, adapter = load_model(base, dtype=resolve_dtype(cfg.dtype, dev), device=dev, **cfg.adapter)
+    else:                                             # a loaded model moves (in place) to the device; 'auto' keeps its dtype
+        if cfg.dtype != 'auto': model.to(resolve_dtype(cfg.dtype, dev))
+        model.to(dev)
     if cfg.mode == 'lora' and not hasattr(model, 'disable_adapter'):
         from vlm_nb.sft import apply_lora
         torch.manual_seed(cfg.seed)
         model = apply_lora(model, adapter.family, cfg.lora)
-    elif cfg.mode == 'full':
-        for p in model.parameters(): p.requires_grad_(True)
+    elif cfg.mode == 'full': freeze_parts(model, adapter.family, cfg.freeze)
+    if cfg.gradient_checkpointing:
+        inner = _unwrap(model)
+        if not getattr(inner, 'supports_gradient_checkpointing', False): raise ValueError(f"{type(inner).__name__} does not support gradient checkpointing")
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     return model, adapter, base
 
 def _unwrap(model): return model.get_base_model() if hasattr(model, 'get_base_model') else model
 
 # %% ../nbs/08_grpo.ipynb #52c2bb28
-def rollout_logprobs(model, adapter, r: Rollout, temperature: float=1.0) -> tuple:
-    "(logp [1, T], mask [1, T]) over the completion part of `r` (T = len(ids) - prompt_len)."
-    blocks = [adapter.image_block(im, role=ro, n_images=n) for im, ro, n in zip(r.images, r.image_roles, budget_shares(r.image_roles))]
-    ids = torch.tensor([r.ids])
-    px = adapter.collate_pixels(blocks) if blocks else {}
-    dev = next(model.parameters()).device
-    px = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in px.items()}
-    if 'pixel_values' in px and px['pixel_values'].is_floating_point(): px['pixel_values'] = px['pixel_values'].to(model.dtype)
-    T = len(r.ids) - r.prompt_len
-    out = adapter.forward(model, ids.to(dev), attention_mask=torch.ones_like(ids).to(dev), logits_to_keep=T + 1, **px)
-    logp = token_logprobs(out.logits, ids[:, -(T + 1):].to(dev), temperature)
-    mask = torch.as_tensor(r.roles[r.prompt_len:] == TRAINED, device=dev)[None]
-    return logp, mask
+def rollout_inputs(adapter, rollouts: list, # `Rollout`s with ids, roles and images
+                   device='cpu', dtype=None, # where the tensors go; float pixel inputs take `dtype`
+                  ) -> dict:
+    "A right-padded batch of `rollouts`: input_ids, attention_mask, position_ids (each row its own) and pixel inputs in row order."
+    B, L = len(rollouts), max(len(r.ids) for r in rollouts)
+    tok = adapter.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((B, L), pad, dtype=torch.long); att = torch.zeros((B, L), dtype=torch.long)
+    blocks, pos = [], []
+    for i, r in enumerate(rollouts):
+        bl = [adapter.image_block(im, role=ro, n_images=n) for im, ro, n in zip(r.images, r.image_roles, budget_shares(r.image_roles))]
+        n = len(r.ids); ids[i, :n] = torch.tensor(r.ids); att[i, :n] = 1; blocks += bl
+        pos.append(adapter.position_ids(ids[i:i+1, :n], adapter.collate_pixels(bl) if bl else {}, None))
+    out = {'input_ids': ids, 'attention_mask': att}
+    if any(p is not None for p in pos):               # Qwen: [3, B, L]; the padding continues each row's positions
+        P = torch.zeros((pos[0].shape[0], B, L), dtype=torch.long)
+        for i, (r, p) in enumerate(zip(rollouts, pos)):
+            n = len(r.ids); P[:, i, :n] = p[:, 0]; P[:, i, n:] = (p.max() + 1) + torch.arange(L - n)
+        out['position_ids'] = P
+    if blocks: out.update(adapter.collate_pixels(blocks))
+    out = {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+    if dtype is not None and 'pixel_values' in out and out['pixel_values'].is_floating_point(): out['pixel_values'] = out['pixel_values'].to(dtype)
+    return out
+
+def rollout_logprobs(model, adapter, rollouts, # a `Rollout` or a list of them (one forward)
+                     temperature: float=1.0,
+                     chunk_tokens: int|None=None, # completion tokens whose logits are built at once (`token_logprobs_at`)
+                     inputs: dict|None=None, # `rollout_inputs` of the same rollouts, when already built
+                    ) -> tuple:
+    "(logp [B, T], mask [B, T]) over the completion parts of `rollouts` (T: the longest); logits only at model-written tokens."
+    from vlm_nb.logprobs import lm_hidden, token_logprobs_at
+    rs = [rollouts] if isinstance(rollouts, Rollout) else list(rollouts)
+    p = next(model.parameters())
+    x = inputs if inputs is not None else rollout_inputs(adapter, rs, p.device, p.dtype)
+    L = x['input_ids'].shape[1]
+    T = max(len(r.ids) - r.prompt_len for r in rs)
+    tm = torch.zeros((len(rs), L), dtype=torch.bool)
+    for i, r in enumerate(rs): tm[i, r.prompt_len:len(r.ids)] = torch.as_tensor(r.roles[r.prompt_len:] == TRAINED)
+    # right padding needs no padding mask: under causal attention a real token never sees the padding after it, and
+    # leaving the mask out keeps attention free of a [B, L, L] mask (0.6 GB at 4 x 5.6k tokens)
+    hidden, head = lm_hidden(adapter, model, **{k: v for k, v in x.items() if k != 'attention_mask'})
+    lp = token_logprobs_at(hidden, head, x['input_ids'], tm.to(hidden.device), temperature, chunk_tokens)
+    idx = torch.tensor([[min(r.prompt_len + j, L - 1) for j in range(T)] for r in rs], device=lp.device)
+    mask = torch.zeros((len(rs), T), dtype=torch.bool)
+    for i, r in enumerate(rs): mask[i, :len(r.ids) - r.prompt_len] = torch.as_tensor(r.roles[r.prompt_len:] == TRAINED)
+    mask = mask.to(lp.device)
+    return torch.where(mask, lp.gather(1, idx), torch.zeros((), device=lp.device)), mask
 
 # %% ../nbs/08_grpo.ipynb #30083b53
 def _task_order(n: int, step: int, k: int, seed: int) -> list:
@@ -590,8 +718,14 @@ def save_checkpoint(out_dir, step: int, model, optimizer, cfg: GRPOConfig, keep:
         ds_engine.save_checkpoint(str(tmp/'deepspeed'), tag='state', save_latest=False, exclude_frozen_parameters=True)
         _barrier(world)
     if not rank:
-        torch.save({'trainable': {n: p.detach().cpu().clone() for n, p in _trainable(model).items()},
-                    'optimizer': optimizer.state_dict() if ds_engine is None else {}, 'rng': _rng_state()}, tmp/'state.pt')
+        # the weights are written once: full mode as a model folder (`final/` links to it), under DeepSpeed in its own
+        # folder; LoRA's few trainable tensors in state.pt
+        full = cfg.mode == 'full' and hasattr(_unwrap(model), 'save_pretrained')
+        st = {'optimizer': optimizer.state_dict() if ds_engine is None else {}, 'rng': _rng_state()}
+        if ds_engine is not None and cfg.mode == 'full': st['weights'] = 'deepspeed'
+        elif full and ds_engine is None: _unwrap(model).save_pretrained(str(tmp/'model')); st['weights'] = 'model'
+        else: st['trainable'] = {n: p.detach().cpu().clone() for n, p in _trainable(model).items()}
+        torch.save(st, tmp/'state.pt')
         atomic_write_json(tmp/'trainer.json', {'step': step, 'config': asdict(cfg)})
         shutil.rmtree(final, ignore_errors=True); tmp.rename(final)
         for old in sorted(root.glob('step-*'))[:-keep]: shutil.rmtree(old, ignore_errors=True)
@@ -610,10 +744,19 @@ def load_checkpoint(path, model, optimizer, ds_engine=None) -> int:
         raise ValueError(f"refusing to load {Path(path)/'state.pt'}: it holds objects other than tensors and plain "
                          f"containers (not a checkpoint this version wrote, or tampered with): {str(e).splitlines()[0]}") from None
     params = _trainable(model)
-    missing = set(params) - set(st['trainable'])
-    if missing: raise ValueError(f"checkpoint {path} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was it made with another mode?")
-    with torch.no_grad():
-        for n, p in params.items(): p.copy_(st['trainable'][n])
+    if st.get('weights') == 'model':                   # full mode: a model folder of the same class
+        if hasattr(model, 'peft_config'): raise ValueError(f"checkpoint {path} holds full weights; resume it with mode='full'")
+        p0 = next(model.parameters())
+        fresh = type(_unwrap(model)).from_pretrained(str(Path(path)/'model'), dtype=p0.dtype)
+        st['trainable'] = {n: t.detach() for n, t in fresh.named_parameters() if n in params}
+        del fresh
+    if st.get('weights') == 'deepspeed':
+        if ds_engine is None: raise ValueError(f"checkpoint {path} was written under DeepSpeed (its weights are in DeepSpeed's folder); resume it with --deepspeed")
+    else:
+        missing = set(params) - set(st['trainable'])
+        if missing: raise ValueError(f"checkpoint {path} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was it made with another mode?")
+        with torch.no_grad():
+            for n, p in params.items(): p.copy_(st['trainable'][n])
     if ds_engine is None: optimizer.load_state_dict(st['optimizer'])
     else:
         if not (Path(path)/'deepspeed').exists(): raise ValueError(f"checkpoint {path} was written without DeepSpeed; resume it without --deepspeed")
@@ -637,12 +780,21 @@ def step_stats(rollouts: list, scores: list, valid: list) -> dict:
     return d
 
 # %% ../nbs/08_grpo.ipynb #c8d2e004
-def _dist() -> tuple:
-    "(rank, world size) of this process; joins the torchrun process group (gloo) when `WORLD_SIZE` > 1."
+_COMM = {'device': 'cpu'}   # where the small tensors of collectives live (the GPU under nccl)
+
+def dist_backend(device: str) -> str:
+    "nccl for a CUDA device, gloo otherwise ($VLM_NB_DIST_BACKEND overrides)."
+    return os.environ.get('VLM_NB_DIST_BACKEND') or ('nccl' if str(device).startswith('cuda') else 'gloo')
+
+def _dist(device: str='cpu') -> tuple:
+    "(rank, world size) of this process; joins the torchrun process group (nccl on CUDA, gloo on the CPU) when `WORLD_SIZE` > 1."
     world = int(os.environ.get('WORLD_SIZE', '1'))
     if world <= 1: return 0, 1
     import torch.distributed as dist
-    if not dist.is_initialized(): dist.init_process_group(os.environ.get('VLM_NB_DIST_BACKEND', 'gloo'))
+    if not dist.is_initialized():
+        if str(device).startswith('cuda'): torch.cuda.set_device(torch.device(device))
+        dist.init_process_group(dist_backend(device))
+    _COMM['device'] = torch.device(device) if dist.get_backend() == 'nccl' else 'cpu'
     return dist.get_rank(), dist.get_world_size()
 
 def _barrier(world: int):
@@ -654,7 +806,7 @@ def _all_sum(x: float, world: int) -> float:
     "`x` summed over the processes."
     if world == 1: return x
     import torch.distributed as dist
-    t = torch.tensor([float(x)], dtype=torch.float64); dist.all_reduce(t); return float(t.item())
+    t = torch.tensor([float(x)], dtype=torch.float64, device=_COMM['device']); dist.all_reduce(t); return float(t.item())
 
 def _all_gather(obj, world: int) -> list:
     "Every process's `obj`, in rank order."
@@ -666,17 +818,32 @@ def _reduce_grads(params: list, world: int):
     "Sum the gradients over the processes; a parameter no process has a gradient for keeps `grad=None` (as in one process)."
     if world == 1: return
     import torch.distributed as dist
-    has = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64); dist.all_reduce(has)
+    has = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64, device=_COMM['device']); dist.all_reduce(has)
     for p, h in zip(params, has.tolist()):
         if not h: continue
         if p.grad is None: p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
 
+def batch_reward_stats(rewards: list, # this process's rewards (flat)
+                       valid: list, # which of them count
+                       world: int) -> tuple:
+    "(std, n_valid) of the valid rewards of every process: the statistics of `scale_rewards='batch'`."
+    parts = _all_gather(([float(x) for x in rewards], [bool(v) for v in valid]), world)
+    r = torch.tensor([x for rs, vs in parts for x, v in zip(rs, vs) if v], dtype=torch.float64)
+    return (float(r.std()) if len(r) > 1 else 0., len(r))
+
+def step_advantages(rewards: list, G: int, valid: list, # this process's rewards (whole groups), group size, valid flags
+                    scale: str='group', world: int=1) -> torch.Tensor:
+    "[n] advantages of this process's rollouts; with `scale='batch'` the std is taken over every process's rollouts (a collective: every process calls it)."
+    stats = batch_reward_stats(rewards, valid, world) if scale == 'batch' and world > 1 else None
+    if not len(rewards): return torch.zeros(0)
+    return group_advantages(rewards, G, valid, scale, batch_stats=stats).view(-1)
+
 def _all_max(x: int, world: int) -> int:
     "The largest `x` over the processes."
     if world == 1: return x
     import torch.distributed as dist
-    t = torch.tensor([int(x)], dtype=torch.int64); dist.all_reduce(t, op=dist.ReduceOp.MAX); return int(t.item())
+    t = torch.tensor([int(x)], dtype=torch.int64, device=_COMM['device']); dist.all_reduce(t, op=dist.ReduceOp.MAX); return int(t.item())
 
 def _ds_config(cfg: GRPOConfig, world: int) -> dict:
     "The DeepSpeed config for GRPO: the shipped or given JSON with its 'auto' fields filled (one micro-step per rollout, the loop accumulates)."
@@ -692,8 +859,9 @@ def _ds_config(cfg: GRPOConfig, world: int) -> dict:
     if d['gradient_accumulation_steps'] != 1 or d['train_micro_batch_size_per_gpu'] != 1:
         raise ValueError(f"{cfg.deepspeed}: GRPO accumulates over rollouts itself; leave gradient_accumulation_steps and "
                          "train_micro_batch_size_per_gpu at 1 or 'auto'")
-    for k, dt in (('bf16', 'bfloat16'), ('fp16', 'float16')):
-        if isinstance(d.get(k), dict) and d[k].get('enabled') == 'auto': d[k]['enabled'] = cfg.dtype == dt
+    wdt = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    for k, dt in (('bf16', torch.bfloat16), ('fp16', torch.float16)):
+        if isinstance(d.get(k), dict) and d[k].get('enabled') == 'auto': d[k]['enabled'] = wdt == dt
     if 'optimizer' in d:                                       # a DeepSpeed optimizer (the offload configs): our settings fill its 'auto's
         p = d['optimizer'].setdefault('params', {})
         for k, v in (('lr', cfg.lr), ('weight_decay', cfg.weight_decay), ('betas', [0.9, 0.999]), ('eps', 1e-8)):
@@ -710,7 +878,7 @@ def _ds_wrap(cfg: GRPOConfig, model, params: list, opt, world: int) -> tuple:
         with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
         for k, v in (('MASTER_ADDR', '127.0.0.1'), ('MASTER_PORT', str(port)), ('RANK', '0'), ('LOCAL_RANK', '0'), ('WORLD_SIZE', '1')):
             os.environ.setdefault(k, v)
-        tdist.init_process_group(os.environ.get('VLM_NB_DIST_BACKEND', 'gloo'))
+        tdist.init_process_group(dist_backend(resolve_device(cfg.device)))
     if not comm.is_initialized(): comm.init_distributed(dist_backend=tdist.get_backend(), auto_mpi_discovery=False)
     conf = _ds_config(cfg, world)
     eng, dopt, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=None if 'optimizer' in conf else opt, config=conf)
@@ -747,10 +915,19 @@ def _append_log(path, rec: dict):
     with open(path, 'a') as f:
         f.write(json.dumps(rec) + '\n'); f.flush(); os.fsync(f.fileno())
 
-def _save_final(model, adapter, base, out: Path):
-    "Save the trained policy (LoRA adapter or full weights) plus tokenizer/processor files of the base."
+def _link_or_copy(src: Path, dst: Path):
+    "Hard-link `src` to `dst` (no second copy of the bytes on disk), or copy it where links are not possible."
+    if dst.exists(): dst.unlink()
+    try: os.link(src, dst)
+    except OSError: shutil.copyfile(src, dst)
+
+def _save_final(model, adapter, base, out: Path, weights: Path|None=None):
+    "Save the trained policy (LoRA adapter or full weights; `weights`: a model folder of these weights to link instead) plus tokenizer/processor files of the base."
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
+    if weights is not None and (weights/'config.json').exists():
+        for f in weights.iterdir():
+            if f.is_file(): _link_or_copy(f, out/f.name)
+    else: model.save_pretrained(str(out))
     if base is not None:
         for f in Path(base).iterdir():
             if (f.is_file() and not f.name.endswith('.safetensors') and f.name not in ('config.json', 'adapter_config.json')
@@ -767,7 +944,7 @@ def _save_final(model, adapter, base, out: Path):
 
 def train_grpo(cfg: GRPOConfig, # the run
                tasks: list|None=None, # tasks (default: from `cfg.data`)
-               model=None, adapter=None, # a loaded policy (default: from `cfg.model`)
+               model=None, adapter=None, # a loaded policy (default: from `cfg.model`); moved to `cfg.device`
                registry: ToolRegistry|None=None, # tools (default: Crop + Identify with the data's gallery)
                rollout_fn: Callable|None=None, # (task, G, seeds) -> [Rollout]; default: the local `ToolEngine`, all groups of a step batched
                on_step: Callable|None=None, # called as on_step(step, log_record) after each step
@@ -775,7 +952,8 @@ def train_grpo(cfg: GRPOConfig, # the run
     "Run GRPO with tools executed inside the rollouts (in one process, or in each of `torchrun`'s); returns a summary dict."
     from vlm_nb.engine import ToolEngine
     cfg.check(); t0 = time.time()
-    rank, world = _dist()
+    dev = resolve_device(cfg.device)
+    rank, world = _dist(dev)
     out = Path(cfg.output_dir); out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed); np.random.seed(cfg.seed); torch.manual_seed(cfg.seed)
     gal, root = None, None
@@ -786,11 +964,12 @@ def train_grpo(cfg: GRPOConfig, # the run
         from vlm_nb.builtin_tools.identify_tool import IdentifyTool
         registry = ToolRegistry([CropTool(), IdentifyTool(gal)])
     if rank: _barrier(world)                                   # rank 0 writes a tiny base model first
-    model, adapter, base = prepare_policy(cfg, model, adapter)
+    model, adapter, base = prepare_policy(cfg, model, adapter)  # on the device, in the run's dtype
     if not rank: _barrier(world)
     inner = _unwrap(model)
     params = list(_trainable(model).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # the reference: LoRA disables the adapter (no copy); full mode keeps a frozen copy, made on the device, before any wrapping
     ref = copy.deepcopy(inner).eval().requires_grad_(False) if cfg.beta > 0 and cfg.mode == 'full' else None
     dse = None
     if cfg.deepspeed:
@@ -804,60 +983,67 @@ def train_grpo(cfg: GRPOConfig, # the run
     elif log_path.exists() and not rank: log_path.unlink()
     engine = ToolEngine(inner, adapter, tools=registry)
     G, W = cfg.num_generations, cfg.rewards
+    backoff = {'batch': cfg.rollout_batch, 'oom_retries': 0}
     it = range(start, cfg.steps)
     if cfg.progress and not rank:
         from tqdm.auto import tqdm
         it = tqdm(it, total=cfg.steps, initial=start, desc='grpo')
     for step in it:
         ts = time.time()
+        lr = cfg.lr*lr_factor(step, cfg.steps, cfg.warmup_ratio, cfg.scheduler)
+        for g in opt.param_groups: g['lr'] = lr
         idx = _task_order(len(tasks), step, cfg.prompts_per_step, cfg.seed)
         mine = [i for i in range(len(idx)) if i % world == rank]      # this process's groups (whole groups: advantages stay per group)
         seeds = [[_rollout_seed(cfg.seed, step, i, g) for g in range(G)] for i in mine]
         inner.eval()
         with torch.no_grad():
-            if rollout_fn is None: groups = generate_groups(engine, [tasks[idx[i]] for i in mine], G, seeds, cfg, root)
+            if rollout_fn is None: groups = generate_groups(engine, [tasks[idx[i]] for i in mine], G, seeds, cfg, root, backoff)
             else: groups = [rollout_fn(tasks[idx[i]], G, s) for i, s in zip(mine, seeds)]
         rollouts = [r for g in groups for r in g]
         scores = [score_rollout(r, tasks[idx[i]], W) for i, g in zip(mine, groups) for r in g]
         valid = [not (cfg.over_budget == 'mask' and r.over_budget) for r in rollouts]
-        adv = group_advantages([s['total'] for s in scores], G, valid, cfg.scale_rewards).view(-1) if rollouts else torch.zeros(0)
+        adv = step_advantages([s['total'] for s in scores], G, valid, cfg.scale_rewards, world).to(dev)
         t_gen = time.time() - ts
         # exact batch weights from the masks (known before any forward), normalised over every process's rollouts
         masks = [torch.as_tensor(r.roles[r.prompt_len:] == TRAINED) & bool(v) for r, v in zip(rollouts, valid)]
         M = torch.zeros(len(masks), max((len(m) for m in masks), default=0), dtype=torch.bool)
         for j, m in enumerate(masks): M[j, :len(m)] = m
-        Wt = loss_weights(M, cfg.loss_type, cfg.max_new_tokens, n_rows=_all_sum(len(masks), world), n_tokens=_all_sum(int(M.sum()), world))
+        Wt = loss_weights(M, cfg.loss_type, cfg.max_new_tokens, n_rows=_all_sum(len(masks), world), n_tokens=_all_sum(int(M.sum()), world)).to(dev)
+        M = M.to(dev)
         model.train(); old = {}
         losses, clips, kls = [], [], []
         todo = [j for j in range(len(rollouts)) if M[j].any() and not (adv[j] == 0 and cfg.beta == 0)]
-        def rollout_loss(j, itn):
-            "The batch-weighted loss of rollout j (its clip and KL statistics recorded)."
-            r = rollouts[j]
-            logp, _ = rollout_logprobs(inner, adapter, r, cfg.temperature)
-            if itn == 0: old[j] = logp.detach()
+        batches = [todo[k:k + cfg.logprob_batch] for k in range(0, len(todo), cfg.logprob_batch)]
+        def batch_loss(k, itn):
+            "The batch-weighted loss of the rollouts of batch k, one forward (their clip and KL statistics recorded)."
+            js = batches[k]; rs = [rollouts[j] for j in js]
+            logp, _ = rollout_logprobs(inner, adapter, rs, cfg.temperature, cfg.logprob_chunk)
+            if itn == 0: old[k] = logp.detach()
             reflp = None
             if cfg.beta > 0:
                 with torch.no_grad():
-                    if ref is not None: reflp, _ = rollout_logprobs(ref, adapter, r, cfg.temperature)
+                    if ref is not None: reflp, _ = rollout_logprobs(ref, adapter, rs, cfg.temperature, cfg.logprob_chunk)
                     else:
-                        with model.disable_adapter(): reflp, _ = rollout_logprobs(inner, adapter, r, cfg.temperature)
-            ptl, clipped, kl = per_token_loss(logp, old[j], adv[j:j+1], reflp, cfg.beta, cfg.clip_eps, cfg.clip_eps_high)
-            mj = M[j:j+1, :logp.shape[1]]
-            clips.append(float((clipped & mj).sum())/max(int(mj.sum()), 1)); kls.append(float((kl*mj).sum())/max(int(mj.sum()), 1))
-            return (Wt[j:j+1, :logp.shape[1]].to(ptl.dtype)*ptl).sum()
+                        with model.disable_adapter(): reflp, _ = rollout_logprobs(inner, adapter, rs, cfg.temperature, cfg.logprob_chunk)
+            ptl, clipped, kl = per_token_loss(logp, old[k], adv[js], reflp, cfg.beta, cfg.clip_eps, cfg.clip_eps_high)
+            T = logp.shape[1]; mj = M[js, :T]
+            for i in range(len(js)):
+                n = max(int(mj[i].sum()), 1)
+                clips.append(float((clipped[i] & mj[i]).sum())/n); kls.append(float((kl[i]*mj[i]).sum())/n)
+            return (Wt[js, :T].to(ptl.dtype)*ptl).sum()
         # DeepSpeed reduces gradients inside each backward: every process takes the same number of them (zero-loss fillers)
-        n_micro = _all_max(len(todo), world) if dse is not None else len(todo)
+        n_micro = _all_max(len(batches), world) if dse is not None else len(batches)
         for itn in range(cfg.num_iterations):
             total = 0.
             if dse is None:
-                for j in todo:
-                    l = rollout_loss(j, itn); l.backward(); total += float(l.detach())
+                for k in range(len(batches)):
+                    l = batch_loss(k, itn); l.backward(); total += float(l.detach())
                 _reduce_grads(params, world)                           # the gradient of the whole batch, on every process
                 gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm else 0.
                 opt.step(); opt.zero_grad(set_to_none=True)
             else:
                 for k in range(n_micro):
-                    l = rollout_loss(todo[k], itn) if k < len(todo) else torch.zeros(())
+                    l = batch_loss(k, itn) if k < len(batches) else torch.zeros((), device=dev)
                     total += float(l.detach())
                     l = l + sum((p*0).sum() for p in params)         # every parameter takes part in every reduction
                     dse.set_gradient_accumulation_boundary(k == n_micro - 1)
@@ -869,15 +1055,18 @@ def train_grpo(cfg: GRPOConfig, # the run
         if world > 1:                                                  # statistics over every process's rollouts
             parts = _all_gather(([_light(r) for r in rollouts], scores, valid, clips, kls), world)
             rollouts, scores, valid, clips, kls = ([x for p in parts for x in p[k]] for k in range(5))
-        rec = {'step': step + 1, 'loss': losses[-1], 'grad_norm': gn, **step_stats(rollouts, scores, valid),
+        rec = {'step': step + 1, 'loss': losses[-1], 'grad_norm': gn, 'lr': lr, **step_stats(rollouts, scores, valid),
                'clip_frac': float(np.mean(clips)) if clips else 0., 'kl': float(np.mean(kls)) if kls else 0.,
                'tasks': [tasks[i].id for i in idx], 'gen_s': round(t_gen, 3), 'step_s': round(time.time() - ts, 3)}
+        if rollout_fn is None: rec['rollout_batch'] = backoff['batch']
+        if backoff['oom_retries']: rec['oom_retries'] = backoff['oom_retries']
         if world > 1: rec['world_size'] = world
         if not rank: _append_log(log_path, rec)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(out, step + 1, model, opt, cfg, cfg.save_total_limit, dse, rank, world)
         if on_step is not None: on_step(step + 1, rec)
-    if not rank: _save_final(model, adapter, base, out/'final')
+    last = out/'checkpoints'/f'step-{cfg.steps:06d}'/'model'          # full mode: the last checkpoint's weights, linked
+    if not rank: _save_final(model, adapter, base, out/'final', last if last.is_dir() else None)
     _barrier(world)
     log = _read_log(log_path)
     return {'steps': len(log), 'tool_calls_executed': sum(r['tool_calls_executed'] for r in log),
