@@ -187,3 +187,43 @@ def test_stray_placeholder_is_text_in_both_loops(work):
     assert [t.ids for t in together] == [t.ids for t in alone]
     new = [t.ids[t.prompt_len:] for t in alone]
     assert new[0].count(ad.image_token_id) == 1 and not set(new[1]) & set(eng.banned_ids)   # the forced one only
+
+def test_batched_sampling_equals_sequential(work):
+    "Sampling, each row with its own seed and settings (temperature, top-k, top-p, min-p, repetition penalty, greedy): the batched loop, which samples all rows in one pass, draws exactly the one-at-a-time tokens."
+    from vlm_nb.models import make_tiny, load_model
+    from vlm_nb.engine import ToolEngine
+    d = work/'tiny_internvl3_5'
+    if not (d/'config.json').exists(): make_tiny('internvl3_5', d)
+    model, ad = load_model(d, **_OPTS['internvl3_5'])
+    eng = ToolEngine(model, ad, tools='crop,identify')
+    photo = Image.new('RGB', (320, 240), (30, 90, 160)); photo.paste((220, 40, 40), (40, 60, 120, 200))
+    wide = Image.new('RGB', (300, 200), (200, 190, 60)); wide.paste((20, 40, 240), (10, 10, 100, 150))
+    settings = [dict(temperature=1.0, top_k=20, top_p=0.95), dict(temperature=0.6), dict(temperature=1.0, top_k=0, top_p=0.9, min_p=0.05),
+                dict(temperature=0.8, top_k=50, top_p=0.8, min_p=0.1, repetition_penalty=1.3), dict(greedy=True),
+                dict(temperature=1.2, top_k=5, repetition_penalty=1.1), dict(temperature=1.0, top_k=0, top_p=1.0)]
+    def reqs():
+        rs = _requests(ad.tokenizer, photo, wide)
+        for k, (r, s) in enumerate(zip(rs, settings)): r.overrides.update(s, seed=100 + k)
+        return rs
+    alone = [eng.run(r.images, r.prompt, r.logits_processors, **r.overrides) for r in reqs()]
+    together = eng.run_batch(reqs(), max_batch=4)
+    for j, (a, b) in enumerate(zip(alone, together)):
+        assert not isinstance(b, Exception), b
+        assert b.ids == a.ids, (j, settings[j])
+    greedy = [eng.run(r.images, r.prompt, r.logits_processors, **{**r.overrides, 'greedy': True}) for r in reqs()]
+    assert sum(g.ids != a.ids for g, a in zip(greedy, alone)) >= 4                # the free tokens really were sampled
+
+def test_tool_result_groups_stay_within_the_budget():
+    "Paused rows' tool results are grouped so that rows x (longest past + longest new) stays within the budget; every row is in exactly one group."
+    import random
+    from vlm_nb.engine import _by_tokens
+    rng = random.Random(0)
+    for _ in range(300):
+        k, budget = rng.randint(0, 12), rng.choice([64, 500, 4096, 16384])
+        new, past = [rng.randint(1, 600) for _ in range(k)], [rng.randint(0, 5000) for _ in range(k)]
+        groups = _by_tokens(new, budget, past)
+        assert sorted(i for g in groups for i in g) == list(range(k))
+        for g in groups:
+            assert len(g) == 1 or len(g)*(max(new[i] for i in g) + max(past[i] for i in g)) <= budget
+    assert _by_tokens([5, 5, 5], 30, [5, 5, 100]) == [[0, 1], [2]]              # the past counts, not only the new tokens
+    assert _by_tokens([5, 5, 5], 30) == [[0, 1, 2]]

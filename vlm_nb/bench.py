@@ -13,10 +13,12 @@ __all__ = ['BENCHMARKS', 'machine_info', 'run_benchmark', 'bench_main']
 BENCHMARKS = {
     'collator': ('vlm_nb.sequences:bench_collator', 'sequence building vs the tokenizer floor (target ratio <= 1.5); padding waste with/without packing'),
     'toolloop': ('vlm_nb.engine:bench_toolloop', 'KV-cached tool loop vs re-prefill at every segment (target speedup >= 2, overhead <= 1.3)'),
-    'rollouts': ('vlm_nb.engine:bench_rollouts', '8 tool-using trajectories one by one vs in the batched loop (target speedup >= 4 on 2 CPU cores, identical tokens)'),
+    'rollouts': ('vlm_nb.engine:bench_rollouts', '8 tool-using trajectories one by one vs in the batched loop, greedy or --temperature T (target speedup >= 4 on 2 CPU cores, identical tokens); one sampling step of 64 rows (target sample_ms_per_row <= 1)'),
     'train':    ('vlm_nb.sft:bench_train', "tokens/s of vlm_nb's trainer vs TRL SFTTrainer, and the gain from packing"),
+    'plan':     ('vlm_nb.sft:bench_plan', 'preparing 10,000 crop samples for SFT on the real vocabulary (target ms_per_sample <= 2)'),
     'memory':   ('vlm_nb.sft:bench_memory', 'peak RSS of `vlm-nb train sft` at 1,000 and 4,000 crop samples (target growth <= 0.05 GB per 1k, <= 4 GB)'),
     'refcoco':  ('vlm_nb.refcoco:bench_refcoco', 'template RefCOCO pipeline on 100k references (target < 60 s on 2 cores)'),
+    'vllm':     ('vlm_nb.vllm_backend:bench_vllm', 'serve a tiny model of each family with real vLLM: prompt ids = training ids, greedy tool loop = local engine, rollout tokens/s'),
 }
 
 def machine_info() -> dict:
@@ -46,14 +48,15 @@ def run_benchmark(name: str, # a key of `BENCHMARKS`
     return res
 
 def bench_main(argv=None):
-    "vlm-nb bench NAME [--json] [--quick]"
+    "vlm-nb bench NAME [--json] [--quick] [--temperature T]"
     p = argparse.ArgumentParser(prog='vlm-nb bench', description='Run a benchmark and print its numbers (ratios against a baseline).\n'
                                 + '\n'.join(f'  {k:<9} {h}' for k, (_, h) in BENCHMARKS.items()), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('name', choices=list(BENCHMARKS), help='which benchmark')
     p.add_argument('--json', action='store_true', help='print the result as one JSON object')
     p.add_argument('--quick', action='store_true', help='a smaller run (for smoke tests)')
+    p.add_argument('--temperature', type=float, help='sampling temperature of benchmarks that generate (rollouts; default greedy)')
     a = p.parse_args(argv)
-    try: res = run_benchmark(a.name, quick=a.quick)
+    try: res = run_benchmark(a.name, quick=a.quick, **({'temperature': a.temperature} if a.temperature is not None else {}))
     except Exception as e: print(f'error: benchmark {a.name} failed: {type(e).__name__}: {e}', file=sys.stderr); return 1
     if a.json: print(json.dumps(res))
     else:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace, asdict
 from pathlib import Path
 from typing import Iterator
 import torch
+import numpy as np
 from PIL import Image
 from fastcore.basics import patch
 from .data import load_image, ImageLoadError, read_dataset, atomic_write_json, resolve_image_path
@@ -20,10 +21,11 @@ from .models import (DecodeState, FamilyAdapter, load_model, check_family, check
 
 # %% auto #0
 __all__ = ['THINK_NUDGE', 'THINKING_SYSTEM_PROMPT', 'IMAGE_PLACEHOLDERS', 'SCHEDULE_COLORS', 'IMAGE_EXTS', 'GenConfig',
-           'sample_token', 'ForcedContinuation', 'TextChunk', 'ToolCallEvent', 'ToolResultEvent', 'Finish', 'Step',
-           'Trajectory', 'placeholder_ids', 'ToolEngine', 'user_message_text', 'Request', 'is_oom', 'plot_schedule',
-           'BatchItem', 'BatchItems', 'batch_items', 'run_with_oom_backoff', 'batch_infer', 'frame_indices',
-           'read_video', 'video_prompt', 'image_data_url', 'RemoteEngine', 'infer_main', 'bench_toolloop',
+           'sample_tokens', 'sample_token', 'ForcedContinuation', 'TextChunk', 'ToolCallEvent', 'ToolResultEvent',
+           'Finish', 'Step', 'Trajectory', 'placeholder_ids', 'ToolEngine', 'user_message_text', 'Request', 'is_oom',
+           'plot_schedule', 'BatchItem', 'BatchItems', 'batch_items', 'run_with_oom_backoff', 'batch_infer',
+           'frame_indices', 'read_video', 'video_prompt', 'image_data_url', 'RemoteEngine', 'infer_main',
+           'standin_tokenizer_dir', 'bench_vocab', 'bench_tokenizer_dir', 'bench_toolloop', 'bench_sampling',
            'bench_rollouts']
 
 # %% ../nbs/06_engine.ipynb #546b5309
@@ -47,7 +49,8 @@ class GenConfig:
     greedy: bool = False               # argmax decoding (ignores temperature/top_p/top_k)
     temperature: float = 0.6           # sampling temperature (0 also means greedy)
     top_p: float = 0.95                # nucleus sampling
-    top_k: int = 20                    # 0 disables
+    top_k: int = 20                    # 0 disables; applied before any sort (`torch.topk`)
+    min_p: float = 0.0                 # drop tokens less likely than min_p x the most likely one (0 disables)
     repetition_penalty: float = 1.0    # >1 discourages repeats (HF semantics, over the whole context)
     seed: int = 0                      # sampling seed (one generator per answer)
     reuse_cache: bool = True           # False: re-prefill the whole context after every tool result (for checks and the bench)
@@ -65,31 +68,106 @@ def _argmax(x:torch.Tensor)->int:
     x = x.detach()
     return int(x.numpy().argmax()) if x.device.type == 'cpu' and x.dtype == torch.float32 and x.is_contiguous() else int(x.argmax())
 
+def _argmax_rows(x:torch.Tensor)->torch.Tensor:
+    "Per-row index of the first largest entry of [B, V] `x`, on its device (NumPy's argmax on a CPU float32 batch)."
+    if x.device.type == 'cpu' and x.dtype == torch.float32 and x.is_contiguous(): return torch.from_numpy(x.numpy().argmax(-1))
+    return x.argmax(-1)
+
+def _topk(x:torch.Tensor, # [G, V] rows
+          k:int, # entries to keep, < V
+          chunk:int=256)->tuple:
+    "(values, indices) of each row's `k` largest entries, sorted descending: `torch.topk`, or on a CPU a chunked top-k in NumPy that reads each row once (the `k` chunks with the largest maxima hold the `k` largest entries)."
+    G, V = x.shape
+    C = V//chunk
+    if x.device.type != 'cpu' or x.dtype != torch.float32 or C <= k: return torch.topk(x, k)
+    a, n = x.contiguous().numpy(), C*chunk                                        # NumPy: single-threaded, so no OpenMP threads spin on a busy machine
+    m = np.empty((G, C + (n < V)), np.float32)
+    m[:, :C] = a[:, :n].reshape(G, C, chunk).max(-1)
+    if n < V: m[:, C] = a[:, n:].max(-1)
+    top = np.argpartition(-m, k - 1, axis=-1)[:, :k]                 # the k chunks with the largest maxima
+    idx = (top[:, :, None]*chunk + np.arange(chunk)).reshape(G, -1)
+    out = idx >= V                                                   # past the end (the short last chunk)
+    vals = np.take_along_axis(a, np.minimum(idx, V - 1), 1); vals[out] = -np.inf
+    j = np.argpartition(-vals, k - 1, axis=-1)[:, :k]
+    v = np.take_along_axis(vals, j, 1)
+    o = np.argsort(-v, axis=-1, kind='stable')
+    return torch.from_numpy(np.take_along_axis(v, o, 1)), torch.from_numpy(np.take_along_axis(np.take_along_axis(idx, j, 1), o, 1))
+
+def _uniforms(gens:list, dev)->torch.Tensor:
+    "One uniform draw in [0, 1) from each row's own generator (torch's global one for None), gathered on `dev`."
+    us = [torch.rand(1, generator=g, device=g.device if g is not None else 'cpu') for g in gens]
+    return torch.cat([u.cpu() for u in us]).to(dev) if any(u.device != torch.device('cpu') for u in us) else torch.cat(us).to(dev)
+
+def _draw(vals:torch.Tensor, # [G, n] logits after temperature (-inf: excluded)
+          top_p:list, min_p:list, # per row (1.0 / 0.0: off)
+          u:torch.Tensor, # [G] uniforms
+          sorted_:bool, # `vals` sorted descending (top_p needs it)
+         )->torch.Tensor:
+    "Position in each row of `vals` drawn by inverse CDF after top-p and min-p, [G]."
+    probs, drop, dev = torch.softmax(vals, -1), None, vals.device
+    if sorted_ and min(top_p) < 1.0:                                 # keep the smallest prefix reaching top_p
+        p = torch.tensor(top_p, dtype=vals.dtype, device=dev)[:, None]
+        drop = (probs.cumsum(-1) - probs > p) & (p < 1)
+    if max(min_p) > 0:                                               # drop what is below min_p x the top token's probability
+        low = probs < torch.tensor(min_p, dtype=vals.dtype, device=dev)[:, None]*probs.amax(-1, keepdim=True)
+        drop = low if drop is None else drop | low
+    if drop is not None: probs = torch.softmax(vals.masked_fill(drop, -math.inf), -1)
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:].contiguous()
+    pos = torch.searchsorted(cdf, (u[:, None]*total).contiguous(), right=True)       # first entry whose CDF passes u: a kept one
+    last = torch.searchsorted(cdf, total, right=False)                               # the last kept entry (u*total rounded up to the total)
+    return torch.minimum(pos, last)[:, 0].clamp_(max=vals.shape[-1] - 1)
+
+def sample_tokens(logits:torch.Tensor, # [B, V] next-token logits, one row per answer
+                  cfgs, # a `GenConfig` per row, or one for all rows
+                  generators:list|None=None, # per row: its seeded generator (None: torch's global one)
+                  contexts:list|None=None, # per row: ids so far, for the repetition penalty (None: none)
+                 )->list:
+    "The next token of every row in one pass on the logits' device: the exact argmax for greedy rows, else repetition penalty, temperature, top-k (before any sort), top-p and min-p, then one draw from each row's own generator."
+    B, V = logits.shape
+    cfgs = list(cfgs) if isinstance(cfgs, (list, tuple)) else [cfgs]*B
+    gens, ctxs = generators or [None]*B, contexts or [None]*B
+    x, dev = logits.detach(), logits.device
+    if x.dtype != torch.float32: x = x.float()
+    pen = [(i, c.repetition_penalty) for i, c in enumerate(cfgs) if c.repetition_penalty != 1.0 and ctxs[i]]
+    if pen:                                                          # HF semantics: over the distinct ids of the context
+        if x.data_ptr() == logits.data_ptr(): x = x.clone()
+        ids = [sorted(set(ctxs[i])) for i, _ in pen]
+        r = torch.tensor([i for (i, _), d in zip(pen, ids) for _ in d], device=dev)
+        c = torch.tensor([t for d in ids for t in d], device=dev)
+        p = torch.tensor([q for (_, q), d in zip(pen, ids) for _ in d], device=dev)
+        s = x[r, c]; x[r, c] = torch.where(s > 0, s/p, s*p)
+    samp = [i for i, c in enumerate(cfgs) if not (c.greedy or c.temperature <= 0)]
+    if not samp: return _argmax_rows(x).tolist()
+    out, greedy = torch.empty(B, dtype=torch.long, device=dev), sorted(set(range(B)) - set(samp))
+    if greedy: out[torch.tensor(greedy, device=dev)] = _argmax_rows(x[greedy]).to(dev)
+    u = _uniforms([gens[i] for i in samp], dev)
+    groups = {}                                                      # rows that share a top-k (or a full sort, or neither)
+    for t, i in enumerate(samp):
+        c = cfgs[i]
+        k = c.top_k if 0 < c.top_k < V else V
+        groups.setdefault((k, k < V or c.top_p < 1.0), []).append(t)
+    for (k, sort), ts in groups.items():
+        rows = [samp[t] for t in ts]
+        temp = torch.tensor([cfgs[i].temperature for i in rows], dtype=x.dtype, device=dev)[:, None]
+        xs = x[rows] if len(rows) < B else x
+        if k < V: vals, idx = _topk(xs, k)                            # k of 151k kept before anything is sorted
+        elif sort: vals, idx = torch.sort(xs, descending=True)
+        else: vals, idx = xs, None
+        vals = vals/temp                                              # after top-k and sorting: dividing keeps the order
+        pos = _draw(vals, [cfgs[i].top_p for i in rows], [cfgs[i].min_p for i in rows], u[ts] if len(ts) < len(samp) else u, sort)
+        out[torch.tensor(rows, device=dev)] = pos if idx is None else idx.gather(1, pos[:, None])[:, 0]
+    return out.tolist()                                              # the only copy to the host: B ids
+
 def sample_token(logits:torch.Tensor, # [V] next-token logits
                  cfg:GenConfig, # sampling settings
                  generator:torch.Generator|None=None, # seeded generator (sampling only)
                  context:list|None=None, # ids so far, for the repetition penalty
                 )->int:
-    "Pick the next token: greedy, or temperature / top-k / top-p sampling, after an optional repetition penalty."
+    "Pick the next token of one row: `sample_tokens` on a batch of one (greedy without a penalty: the argmax, no copy)."
     if (cfg.greedy or cfg.temperature <= 0) and (cfg.repetition_penalty == 1.0 or not context):
         return _argmax(logits)                                      # the common greedy case: no copy
-    logits = logits.detach().float().cpu().clone()
-    if cfg.repetition_penalty != 1.0 and context:
-        idx = torch.tensor(sorted(set(context)), dtype=torch.long)
-        s = logits[idx]
-        logits[idx] = torch.where(s > 0, s/cfg.repetition_penalty, s*cfg.repetition_penalty)
-    if cfg.greedy or cfg.temperature <= 0 or not torch.isfinite(logits).any() or (logits > -math.inf).sum() == 1:
-        return _argmax(logits)
-    logits = logits/cfg.temperature
-    if cfg.top_k and cfg.top_k < logits.numel():
-        kth = torch.topk(logits, cfg.top_k).values[-1]
-        logits[logits < kth] = -math.inf
-    if cfg.top_p < 1.0:
-        srt, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(srt, -1).cumsum(-1)
-        drop = cum - torch.softmax(srt, -1) > cfg.top_p          # keep the smallest prefix reaching top_p
-        logits[order[drop]] = -math.inf
-    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+    return sample_tokens(logits.reshape(1, -1), [cfg], [generator], [context])[0]
 
 # %% ../nbs/06_engine.ipynb #37a3545a
 class ForcedContinuation:
@@ -281,6 +359,10 @@ class ToolEngine:
         self.banned_ids, self._banned = placeholder_ids(tok), {}   # never sampled: a placeholder the model wrote has no image behind it
     def __repr__(self):
         return f"ToolEngine({self.adapter.family}, tools={self.registry.names if self.registry else None})"
+    def banned_tensor(self, device)->torch.Tensor:
+        "`banned_ids` as a tensor on `device` (made once per device)."
+        if device not in self._banned: self._banned[device] = torch.tensor(self.banned_ids, dtype=torch.long, device=device)
+        return self._banned[device]
 
 # %% ../nbs/06_engine.ipynb #d6badf6d
 @patch
@@ -328,6 +410,8 @@ class _Decoder:
         self.ids = []; return s
     def flush(self)->str: return self.push(None, final=True) if self.ids else ''
 
+_SAMPLE = object()   # `_Row.prepare`: the next token is sampled
+
 class _Row:
     "One answer's tool loop, independent of how its forwards run: `step(logits)` returns the ids to append next, or None when done."
     def __init__(self, engine, images:list, prompt:str, procs:list, cfg:GenConfig, ids:list, blocks:list, sys_:str|None):
@@ -363,20 +447,39 @@ class _Row:
     def step(self, logits:torch.Tensor # [V] next-token logits after `self.ids`
             )->tuple|None:
         "Sample the next token and act on it: (ids, blocks) to append to the cache, or None when the answer is finished."
+        seg = self.prepare()
+        if seg is not _SAMPLE: return seg
+        return self.act(sample_token(self.process(logits), self.cfg, self.gen, self.context()))
+
+    def prepare(self):
+        "What comes before sampling: None when the answer is finished, a segment to append (the thinking nudge), or `_SAMPLE`: the model writes the next token."
         e, cfg, traj = self.engine, self.cfg, self.traj
-        tok = e.adapter.tokenizer
         if self.n_new >= cfg.max_new_tokens: return self._end('length')
         if self.budget is not None and not self.think_closed and self.think_count >= self.budget and not self.det.in_call:
             self._flush_text(); self.think_closed = True
-            nudge = tok.encode(THINK_NUDGE, add_special_tokens=False)
+            nudge = e.adapter.tokenizer.encode(THINK_NUDGE, add_special_tokens=False)
             traj.add('nudge', THINK_NUDGE, n_tokens=len(nudge)); self.events.append(TextChunk(THINK_NUDGE, 'nudge'))
             return self._append(nudge, [])
-        if e.banned_ids:                                            # in place: these logits are this row's own
-            dev = logits.device
-            if dev not in e._banned: e._banned[dev] = torch.tensor(e.banned_ids, device=dev)
-            logits.index_fill_(-1, e._banned[dev], -math.inf)
+        return _SAMPLE
+
+    def process(self, logits:torch.Tensor, # [V] this row's own next-token logits (changed in place)
+                ban:bool=True, # False: the caller has banned the placeholders already
+               )->torch.Tensor:
+        "The logits this row samples from: image placeholders banned, then the logits processors (which may still force one)."
+        e = self.engine
+        if ban and e.banned_ids:                                    # in place: these logits are this row's own
+            logits.index_fill_(-1, e.banned_tensor(logits.device), -math.inf)
         for p in self.procs: logits = p(self.ids, logits)
-        tid = sample_token(logits, cfg, self.gen, self.ids if cfg.repetition_penalty != 1.0 else None)
+        return logits
+
+    def context(self)->list|None:
+        "The ids the repetition penalty looks at (None when it is off)."
+        return self.ids if self.cfg.repetition_penalty != 1.0 else None
+
+    def act(self, tid:int # the sampled token
+           )->tuple|None:
+        "Act on the sampled token: (ids, blocks) to append to the cache, or None when the answer is finished."
+        e, cfg, traj = self.engine, self.cfg, self.traj
         self.n_new += 1
         if not self.think_closed: self.think_count += 1
         if tid in e.eos_ids: self.ids.append(tid); return self._end('eos')
@@ -548,13 +651,15 @@ class _KVBatch:
         return logits
 
 def _by_tokens(lens:list, # new tokens of each row, in order
-               budget:int, # most padded tokens (rows x longest) one forward may take
+               budget:int, # most padded tokens one forward may hold: rows x (longest past + longest new)
+               past:list|None=None, # tokens already in each row's cache (None: none, as for a prompt)
               )->list:
-    "Consecutive index groups whose padded size (rows x longest) stays within `budget` (a longer row goes alone)."
-    out, cur, top = [], [], 0
-    for i, n in enumerate(lens):
-        if cur and (len(cur) + 1)*max(top, n) > budget: out.append(cur); cur, top = [], 0
-        cur.append(i); top = max(top, n)
+    "Consecutive index groups whose padded size, rows x (longest past + longest new), stays within `budget` (a larger row goes alone)."
+    past = past or [0]*len(lens)
+    out, cur, top, old = [], [], 0, 0
+    for i, (n, p) in enumerate(zip(lens, past)):
+        if cur and (len(cur) + 1)*(max(top, n) + max(old, p)) > budget: out.append(cur); cur, top, old = [], 0, 0
+        cur.append(i); top, old = max(top, n), max(old, p)
     return out + ([cur] if cur else [])
 
 def _batchable(model)->bool:
@@ -582,7 +687,8 @@ def _run_each(self:ToolEngine, reqs:list, base:GenConfig)->Iterator:
 def generate_batch(self:ToolEngine, requests:list, # `Request`s, or (images, prompt) pairs
                    max_batch:int=8, # rows decoded together; a finished row's slot goes to the next request
                    schedule:list|None=None, # if given, receives one dict per row activity (see `plot_schedule`)
-                   prefill_tokens:int=16384, # most tokens (rows x longest, padding included) one shared prompt or tool-result forward takes
+                   prefill_tokens:int=16384, # most tokens one shared prompt or tool-result forward holds: rows x (longest past + longest new), padding included
+                   kv_tokens:int|None=None, # most tokens the batch's cache may hold (rows x its widest row, padding included) when rows are admitted; None: only `max_batch` limits
                    **overrides # `GenConfig` fields for every request (a request's own `overrides` win)
                   )->Iterator:
     "Generate many answers together, one forward per step for all live rows; yields (index, `Trajectory` or the request's own error) as rows finish."
@@ -594,7 +700,7 @@ def generate_batch(self:ToolEngine, requests:list, # `Request`s, or (images, pro
     keys = [_share_key(r, c) or ('alone', j) for j, (r, c) in enumerate(zip(reqs, cfgs))]
     left = {}
     for k in keys: left[k] = left.get(k, 0) + 1
-    prefixes, kv, rows, queue, free = {}, _KVBatch(model.config), [], list(range(len(reqs))), list(range(max_batch))
+    prefixes, kv, rows, queue, free, encoded = {}, _KVBatch(model.config), [], list(range(len(reqs))), list(range(max_batch)), {}
     t0 = time.perf_counter()
     def now(): return time.perf_counter() - t0
     def log(kind, row, a, b=None):
@@ -605,19 +711,29 @@ def generate_batch(self:ToolEngine, requests:list, # `Request`s, or (images, pro
         if not left[key]: prefixes.pop(key, None)
 
     def admit(js):
-        "Start requests `js` in new rows: prompts not prefilled yet share forwards (`prefill_tokens` each), requests sharing a prompt copy its prefill; returns (rows, [(j, error)])."
+        "Start requests `js` in new rows while the cache stays within `kv_tokens` (each row's prompt counts): prompts not prefilled yet share forwards (`prefill_tokens` each), requests sharing a prompt copy its prefill; returns (rows, [(j, error)], the js left for later)."
         a, fresh, plan, errs = now(), {}, [], []
-        for j in js:
+        B, W = len(kv), 0 if kv.mask is None else kv.mask.shape[1]
+        for t, j in enumerate(js):
             r, key = reqs[j], keys[j]
             if key not in prefixes and key not in fresh:
                 try:
-                    images = _load_images(r.images() if callable(r.images) else r.images)
-                    fresh[key] = (images, *self.encode_prompt(images, r.prompt, cfgs[j].thinking))
+                    if key not in encoded:
+                        images = _load_images(r.images() if callable(r.images) else r.images)
+                        encoded[key] = (images, *self.encode_prompt(images, r.prompt, cfgs[j].thinking))
                 except Exception as e:
                     if is_oom(e): raise
                     errs.append((j, e)); used(key); continue
-                plan.append((j, key, 'prefill'))
+            n = len((prefixes[key][0] if key in prefixes else fresh[key] if key in fresh else encoded[key])[1])
+            if kv_tokens is not None and B + len(plan) and (B + len(plan) + 1)*max(W, n) > kv_tokens:
+                return admit_plan(a, fresh, plan, errs) + (js[t:],)   # the rest waits until rows finish
+            W = max(W, n)
+            if key not in prefixes and key not in fresh: fresh[key] = encoded.pop(key); plan.append((j, key, 'prefill'))
             else: plan.append((j, key, 'fork'))
+        return admit_plan(a, fresh, plan, errs) + ([],)
+
+    def admit_plan(a, fresh, plan, errs):
+        "Prefill the `fresh` prompts of `plan` and start its rows; returns (rows, [(j, error)])."
         encs, made = list(fresh.items()), []
         for part in _by_tokens([len(e[1]) for _, e in encs], prefill_tokens):
             try: made += list(zip(*ad.append_batch(model, [None]*len(part), [(encs[t][1][1], encs[t][1][2]) for t in part], [0]*len(part))))
@@ -645,21 +761,50 @@ def generate_batch(self:ToolEngine, requests:list, # `Request`s, or (images, pro
             new.append(row)
         return new, errs
 
+    stepped = None                                                   # the last decoding forward's logits [B, V]
     while queue or rows:
         while queue and len(rows) < max_batch:                       # refill free slots from the queue
             js, queue = queue[:max_batch - len(rows)], queue[max_batch - len(rows):]
-            new, errs = admit(js)
-            rows += new
+            new, errs, later = admit(js)
+            rows += new; queue = later + queue
             for j, e in errs: yield j, e
+            if later: break                                          # the cache is full: wait for rows to finish
         if not rows: continue
-        for row in rows:                                             # every row acts on its next-token logits
-            a = now()
-            if row.error is not None: row.seg = row.plain = None; continue      # its tool result could not be added
-            try: row.seg = row.step(row.logits)
+        a, pick = now(), []                                          # every row acts on its next-token logits
+        for row in rows:
+            row.seg = row.plain = None
+            if row.error is not None: continue                       # its tool result could not be added
+            try:
+                seg = row.prepare()
+                if seg is _SAMPLE: pick.append(row)
+                else: row.seg = seg
             except Exception as e:
                 if is_oom(e): raise
-                row.seg, row.error = None, e
+                row.error = e
+        for row in pick:                                             # the rows' own logits processors
+            if not row.procs: continue
+            try: row.logits = row.process(row.logits)
+            except Exception as e:
+                if is_oom(e): raise
+                row.error = e
+        pick = [row for row in pick if row.error is None]
+        if pick:                                                     # ONE sampling pass for every row, on the logits' device
+            if stepped is not None and len(pick) == len(stepped) and all(row.logits.data_ptr() == stepped[t].data_ptr() for t, row in enumerate(pick)):
+                logits = stepped                                     # every row decoded and kept its logits: no copy
+            else: logits = torch.stack([row.logits for row in pick])
+            plain = [t for t, row in enumerate(pick) if not row.procs]
+            if self.banned_ids and plain:                            # the others were banned before their processors
+                ban = self.banned_tensor(logits.device)
+                logits[torch.tensor(plain, device=logits.device)[:, None], ban[None, :]] = -math.inf
+            tids = sample_tokens(logits, [row.cfg for row in pick], [row.gen for row in pick], [row.context() for row in pick])
+            for row, tid in zip(pick, tids):
+                try: row.seg = row.act(tid)
+                except Exception as e:
+                    if is_oom(e): raise
+                    row.error = e
+        for row in rows:
             row.events.clear()
+            if row.error is not None: row.seg = None
             row.plain = row.seg is not None and len(row.seg[0]) == 1 and not row.seg[1]
             if row.seg is not None and not row.plain: log('tool', row, a)
         done = [row for row in rows if row.seg is None]
@@ -672,14 +817,17 @@ def generate_batch(self:ToolEngine, requests:list, # `Request`s, or (images, pro
                 yield row.index, row.error if row.error is not None else row.traj
         if any(row.plain for row in rows):                           # ONE forward: every decoding row's next token
             a = now()
-            logits = kv.step(ad, model, [row.seg[0][0] if row.plain else pad for row in rows],
-                             [row.next_pos for row in rows], [row.plain for row in rows])
+            logits = stepped = kv.step(ad, model, [row.seg[0][0] if row.plain else pad for row in rows],
+                                       [row.next_pos for row in rows], [row.plain for row in rows])
             b = now()
             for i, row in enumerate(rows):
                 if row.plain: row.logits, row.next_pos = logits[i], row.next_pos + 1; row.traj.timings['decode_s'] += b - a
                 log('decode' if row.plain else 'paused', row, a, b)
         paused, added = [i for i, row in enumerate(rows) if not row.plain and row.cfg.reuse_cache], set()
-        for part in _by_tokens([len(rows[i].seg[0]) for i in paused], prefill_tokens):
+        if len(paused) > 1:                                          # similar sizes together: less padding per forward
+            past = kv.mask.sum(1).tolist()
+            paused.sort(key=lambda i: past[i] + len(rows[i].seg[0]))
+        for part in _by_tokens([len(rows[i].seg[0]) for i in paused], prefill_tokens, [past[i] for i in paused] if len(paused) > 1 else None):
             together = [paused[t] for t in part]                     # tool results (and nudges) of rows paused now: one forward
             if len(together) < 2: continue
             a = now()
@@ -1004,9 +1152,11 @@ def _request(self:RemoteEngine, messages, max_tokens, cfg, continuing):
     body = dict(self.extra_body)
     thinking = cfg.thinking if cfg.thinking is not None else (False if self.family == 'ovis2_5' else None)   # Ovis2.5: off, as officially
     if thinking is not None: body.setdefault('chat_template_kwargs', {})['enable_thinking'] = bool(thinking)
+    if self.family == 'ovis2_5': body.setdefault('chat_template_kwargs', {})['keep_thinking'] = True   # earlier tool turns as written (vlm_nb templates)
     if self.dialect == 'vllm':
         body.update(skip_special_tokens=False, include_stop_str_in_output=True)
         if not greedy and cfg.top_k: body['top_k'] = cfg.top_k
+        if not greedy and cfg.min_p: body['min_p'] = cfg.min_p
         if cfg.repetition_penalty != 1.0: body['repetition_penalty'] = cfg.repetition_penalty
         if continuing: body.update(continue_final_message=True, add_generation_prompt=False)
     if body: kw['extra_body'] = body
@@ -1023,6 +1173,12 @@ def content(self:RemoteEngine, text:str, images:list)->list:
     if sum(it['type'] == 'image' for it in items) != len(images): raise ValueError(f"{len(images)} image(s) for the markers of {text!r}")
     it_images = iter(images)
     return [{'type': 'image_url', 'image_url': {'url': image_data_url(next(it_images))}} if it['type'] == 'image' else it for it in items]
+
+@patch
+def assistant_message(self:RemoteEngine, text:str, thinking=None)->dict:
+    "An assistant turn as the model wrote it: Ovis2.5 with thinking off after the empty think block its generation prompt held (kept by `keep_thinking`)."
+    if self.family == 'ovis2_5' and not thinking: text = '<think>\n\n</think>\n\n' + text
+    return {'role': 'assistant', 'content': text}
 
 @patch
 def tool_message(self:RemoteEngine, res:ToolResult)->dict:
@@ -1052,8 +1208,9 @@ def stream(self:RemoteEngine, images, prompt:str, **overrides)->Iterator:
         if left <= 0: finish = 'length'; break
         cap = min(left, budget - n_new) if (budget is not None and not think_closed and budget > n_new) else left
         continuing = bool(assistant) and self.dialect == 'vllm'
-        req = msgs + ([{'role': 'assistant', 'content': assistant}] if assistant else [])
+        req = msgs + ([self.assistant_message(assistant, cfg.thinking)] if assistant else [])
         piece, reason, used, ptoks = self._request(req, cap, cfg, continuing)
+        if reason == 'stop' and piece.endswith(('<|im_end|>', '<|endoftext|>')): piece = piece[:piece.rindex('<|')]   # vLLM's end token, kept by include_stop_str_in_output
         requests += 1
         if traj.prompt_len == 0 and ptoks: traj.prompt_len = ptoks
         open_call = det.text.rfind(TOOL_CALL_OPEN) > det.text.rfind(TOOL_CALL_CLOSE)
@@ -1086,7 +1243,7 @@ def stream(self:RemoteEngine, images, prompt:str, **overrides)->Iterator:
             yield ToolCallEvent(call, traj.n_tool_calls + refused)
             traj.add('tool_result', res.response() or '', res.image, kind=res.kind, box=res.box, message=res.text)
             yield ToolResultEvent(call, res, traj.n_tool_calls + refused)
-            msgs += [{'role': 'assistant', 'content': assistant}, self.tool_message(res)]   # 'turn' layout
+            msgs += [self.assistant_message(assistant, cfg.thinking), self.tool_message(res)]   # 'turn' layout
             assistant = ''
     flush()
     traj.finish_reason, traj.n_new_tokens = finish, n_new
@@ -1138,6 +1295,7 @@ def _infer_parser():
     g.add_argument('--greedy', action='store_true', help='greedy decoding')
     g.add_argument('--temperature', type=float, default=0.6); g.add_argument('--top-p', type=float, default=0.95)
     g.add_argument('--top-k', type=int, default=20); g.add_argument('--repetition-penalty', type=float, default=1.0)
+    g.add_argument('--min-p', type=float, default=0.0, help='drop tokens less likely than MIN_P x the most likely one (default 0: off)')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--config', metavar='JSON', help='GenConfig fields as a JSON file (flags override)')
     p.add_argument('--save', metavar='DIR', help='also save the trajectory (JSON + images) to this folder')
@@ -1151,7 +1309,7 @@ def _infer_config(a)->GenConfig:
     if a.thinking_budget is not None and thinking is None: thinking = True
     return replace(cfg, max_new_tokens=a.max_new_tokens, max_tool_calls=a.max_tool_calls, thinking=thinking,
                    thinking_budget=a.thinking_budget if a.thinking_budget is not None else cfg.thinking_budget,
-                   greedy=a.greedy or cfg.greedy, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                   greedy=a.greedy or cfg.greedy, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                    repetition_penalty=a.repetition_penalty, seed=a.seed)
 
 def _infer(argv):
@@ -1168,7 +1326,9 @@ def _infer(argv):
     cfg = _infer_config(a)
     tools = None if a.no_tools else a.tools
     if a.image and not Path(a.image).exists(): raise ValueError(f'image not found: {a.image}')
-    if a.server: eng = RemoteEngine(a.server, a.served_model, tools, a.gallery, config=cfg, timeout=a.timeout, dialect=a.dialect)
+    if a.server:   # a served name that is a local model folder (vLLM's default name is the path) tells family, layout, system prompt
+        ck = a.served_model if Path(a.served_model).is_dir() and (Path(a.served_model)/'config.json').exists() else None
+        eng = RemoteEngine(a.server, a.served_model, tools, a.gallery, config=cfg, timeout=a.timeout, dialect=a.dialect, checkpoint=ck)
     else:
         model, ad = load_model(a.model)
         eng = ToolEngine(model, ad, tools, a.gallery, config=cfg)
@@ -1205,13 +1365,44 @@ def infer_main(argv:list|None=None)->int:
         msg = ' '.join(str(e).split()) or type(e).__name__
         print(f'error: {msg[:300]}', file=sys.stderr); return 1
 
+# %% ../nbs/06_engine.ipynb #e7a1c0d4
+def standin_tokenizer_dir(family:str, # one of the model families
+                          out:str|Path, # folder to write
+                          base:int=151_643, # ids before the added tokens (the Qwen3 vocabulary's)
+                         )->Path:
+    "Without ../shared: the self-built tokenizer of `family` padded to the real vocabulary's size with tokens no merge produces (151,678 ids for InternVL3.5), so logits and sampling cost what they cost on the real one."
+    from vlm_nb.models import build_tokenizer_dir
+    out = Path(out)
+    build_tokenizer_dir(family, out, shared=False)
+    j = json.loads((out/'tokenizer.json').read_text())
+    voc, k = j['model']['vocab'], 0
+    shift = base - len(voc)
+    while len(voc) < base:                                           # byte-level text ('  0', '  1', ...) that never merges
+        t = f'ĠĠ{k}'; k += 1
+        if t not in voc: voc[t] = len(voc)
+    for a in j['added_tokens']: a['id'] += shift                     # the family's special tokens after them, as in the real one
+    (out/'tokenizer.json').write_text(json.dumps(j, ensure_ascii=False))
+    return out
+
+def bench_vocab()->str:
+    "Which vocabulary the benchmarks run on: 'qwen3' (the real tokenizer from ../shared) or 'stand-in' (`standin_tokenizer_dir`)."
+    from vlm_nb.models import find_shared
+    return 'qwen3' if find_shared() is not None else 'stand-in'
+
+def bench_tokenizer_dir(family:str, # one of the model families
+                        out:str|Path, # folder to write the tokenizer to
+                       )->Path:
+    "A tokenizer folder of `bench_vocab`'s vocabulary for a benchmark checkpoint: the real Qwen3 one when ../shared is there, else the same-size stand-in."
+    from vlm_nb.models import build_tokenizer_dir
+    return build_tokenizer_dir(family, out) if bench_vocab() == 'qwen3' else standin_tokenizer_dir(family, out)
+
 # %% ../nbs/06_engine.ipynb #ef1019de
 def _bench_checkpoint(out:Path, hidden:int=256, layers:int=4)->Path:
     "A tiny InternVL3.5 widened so that prefill compute (not per-call overhead) dominates, like a real model's prefix."
     import transformers as T
-    from vlm_nb.models import build_tokenizer_dir, tiny_config, _processor_files
+    from vlm_nb.models import tiny_config, _processor_files
     if (out/'config.json').exists(): return out
-    build_tokenizer_dir('internvl3_5', out)
+    bench_tokenizer_dir('internvl3_5', out)                   # the real vocabulary's size, always
     tok = T.AutoTokenizer.from_pretrained(str(out))
     cfg = tiny_config('internvl3_5', tok)
     tc, vc = cfg.text_config, cfg.vision_config
@@ -1234,7 +1425,7 @@ def bench_toolloop(json:bool=True, # print one JSON line (else a readable summar
     "Time a 3-tool-call trajectory with KV continuation vs re-prefill at every segment vs no tools; returns the numbers."
     import json as _json
     work = Path(workdir or Path(tempfile.gettempdir())/'vlm_nb_bench')
-    model, ad = load_model(_bench_checkpoint(work/f'bench_internvl_{hidden}x{layers}', hidden, layers), max_tiles=max_tiles, crop_max_tiles=1)
+    model, ad = load_model(_bench_checkpoint(work/f'bench_internvl_{hidden}x{layers}_{bench_vocab()}', hidden, layers), max_tiles=max_tiles, crop_max_tiles=1)
     img = Image.new('RGB', (1792, 1344), (30, 90, 160)); img.paste((220, 40, 40), (100, 100, 400, 500))   # 4x3 tiles + thumbnail
     question = ('Look at the picture and tell me, carefully and step by step, what the red object on the left is, who '
                 'stands next to it and what they hold. ') * 12
@@ -1257,12 +1448,46 @@ def bench_toolloop(json:bool=True, # print one JSON line (else a readable summar
     res = {'speedup': round(t_re/t_kv, 2), 'identical': kv.ids == re_.ids, 'overhead': round(t_kv/t_plain, 2),
            'kv_s': round(t_kv, 3), 'reprefill_s': round(t_re, 3), 'uninterrupted_s': round(t_plain, 3),
            'tool_calls': kv.n_tool_calls, 'prompt_tokens': kv.prompt_len, 'new_tokens': kv.n_new_tokens,
-           'context_tokens': len(kv.ids), 'model': f'internvl3_5 tiny (LM {hidden}x{layers})', 'device': 'cpu',
+           'context_tokens': len(kv.ids), 'vocab': len(ad.tokenizer), 'vocab_source': bench_vocab(), 'model': f'internvl3_5 tiny (LM {hidden}x{layers})', 'device': 'cpu',
            'torch_threads': torch.get_num_threads()}
     print(_json.dumps(res) if json else '\n'.join(f'{k:>16}: {v}' for k, v in res.items()))
     return res
 
 # %% ../nbs/06_engine.ipynb #b7c1a00d
+def _sample_rowwise(logits:torch.Tensor, cfg:GenConfig, generator)->int:
+    "The row-by-row sampler `sample_tokens` replaced (the row copied to the host, top-p sorting the whole vocabulary): the reference `bench_sampling` times."
+    logits = logits.detach().float().cpu().clone()/cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.numel(): logits[logits < torch.topk(logits, cfg.top_k).values[-1]] = -math.inf
+    if cfg.top_p < 1.0:
+        srt, order = torch.sort(logits, descending=True)
+        p = torch.softmax(srt, -1)
+        logits[order[p.cumsum(-1) - p > cfg.top_p]] = -math.inf
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+
+def bench_sampling(rows:int=64, # rows sampled together
+                   vocab:int=151_678, # vocabulary size (the real Qwen3 one with InternVL3.5's tokens)
+                   repeats:int=9, # timings per arm, the arms taking turns; the medians are reported
+                   device:str='cpu',
+                   cfg:GenConfig|None=None, # sampling settings (default: temperature 1, top-k 20, top-p 0.95)
+                   rowwise_rows:int=8, # rows the row-by-row reference samples per timing (it is slow)
+                  )->dict:
+    "Milliseconds per row of one sampling step: `sample_tokens` on [rows, vocab] logits vs the row-by-row reference (wall clock; and the calling thread's CPU time, which a busy machine disturbs less)."
+    cfg = cfg or GenConfig(temperature=1.0, top_k=20, top_p=0.95)
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(rows, vocab, generator=g)*2).to(device)
+    gens = [torch.Generator().manual_seed(k) for k in range(rows)]
+    sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
+    t_b, t_r, c_b = [], [], []
+    for _ in range(repeats):
+        sync(); t, c = time.perf_counter(), time.thread_time(); sample_tokens(logits, cfg, gens); sync()
+        t_b.append((time.perf_counter() - t)/rows); c_b.append((time.thread_time() - c)/rows)
+        t = time.perf_counter()
+        for k in range(rowwise_rows): _sample_rowwise(logits[k], cfg, gens[k])
+        t_r.append((time.perf_counter() - t)/rowwise_rows)
+    med = lambda ts: sorted(ts)[len(ts)//2]*1000
+    return {'sample_ms_per_row': round(med(t_b), 3), 'sample_cpu_ms_per_row': round(med(c_b), 3), 'sample_ms_per_row_rowwise': round(med(t_r), 3),
+            'sample_speedup': round(med(t_r)/med(t_b), 1), 'sample_rows': rows, 'sample_vocab': vocab}
+
 def bench_rollouts(json:bool=True, # print one JSON line (else a readable summary)
                    n:int=8, # trajectories
                    max_new_tokens:int=64, # model-written tokens per trajectory
@@ -1273,15 +1498,17 @@ def bench_rollouts(json:bool=True, # print one JSON line (else a readable summar
                    quick:bool=False, # a smoke run: 4 trajectories of 40 tokens
                    checkpoint:str|Path|None=None, # a model folder to time instead of the tiny `family` model (`benchmarks/rollouts_gpu.py` writes a 1B-sized one)
                    device:str='cpu', dtype=None, # where and in what precision the model runs (e.g. 'cuda', torch.bfloat16)
+                   temperature:float=0.0, # 0: greedy; else sampling at this temperature with top-k 20, top-p 0.95 and a seed per trajectory
+                   sample_repeats:int=9, # timings of the sampling step (`bench_sampling`, 64 rows); 0 skips it
                   )->dict:
-    "Time `n` tool-using trajectories one after another vs together in `generate_batch`: tokens/s both ways and whether every token agrees."
+    "Time `n` tool-using trajectories one after another vs together in `generate_batch`: tokens/s both ways and whether every token agrees; and one sampling step of 64 rows."
     import json as _json
     from vlm_nb.models import make_tiny
     if quick: n, max_new_tokens = 4, 40
     work = Path(workdir or Path(tempfile.gettempdir())/'vlm_nb_bench')
     if checkpoint is None:
-        ck = work/f'rollouts_tiny_{family}'
-        if not (ck/'config.json').exists(): make_tiny(family, ck)
+        ck = work/f'rollouts_tiny_{family}_{bench_vocab()}'              # the real vocabulary's size, always
+        if not (ck/'config.json').exists(): make_tiny(family, ck, tokenizer_dir=bench_tokenizer_dir(family, work/f'tokenizer_{family}_{bench_vocab()}'))
     else: ck = Path(checkpoint); family = family_of(ck)
     model, ad = load_model(ck, dtype=dtype, device=device,
                            **({'max_tiles': 1} if family == 'internvl3_5' else {'max_pixels': 224*224} if family != 'ovis2_5' else {}))
@@ -1290,13 +1517,14 @@ def bench_rollouts(json:bool=True, # print one JSON line (else a readable summar
     for k in range(prompts):
         im = Image.new('RGB', (320 + 40*k, 240), (30 + 40*k, 90, 160)); im.paste((220, 40, 40), (40, 60, 120 + 10*k, 200)); imgs.append(im)
     calls = ['<tool_call>Crop [40, 60, 120, 200]</tool_call>', '<tool_call>Identify [40, 60, 120, 200]</tool_call>']
-    def requests():                                   # calls at different steps: k filler words first
+    def requests():                                   # calls at different steps: k filler words first; a seed per trajectory
         return [Request([imgs[k % prompts]], f'What is the red thing in picture {k % prompts}?',
-                        [ForcedContinuation(tok, 'Hm. ' * (k % 4) + calls[k % 2], 'free')], {'max_new_tokens': max_new_tokens})
+                        [ForcedContinuation(tok, 'Hm. ' * (k % 4) + calls[k % 2], 'free')], {'max_new_tokens': max_new_tokens, 'seed': k})
                 for k in range(n)]
     if any(len(r.logits_processors[0].ids) >= max_new_tokens for r in requests()):
         raise ValueError(f'max_new_tokens={max_new_tokens} is too small for the scripted tool calls')
-    eng = ToolEngine(model, ad, 'crop,identify', config=GenConfig(greedy=True, max_tool_calls=2))
+    gen = GenConfig(greedy=temperature <= 0, temperature=temperature if temperature > 0 else 1.0, top_k=20, top_p=0.95, max_tool_calls=2)
+    eng = ToolEngine(model, ad, 'crop,identify', config=gen)
     eng.run([imgs[0]], 'Warm up.', max_new_tokens=2)
     arms = {'seq': lambda: [eng.run(r.images, r.prompt, r.logits_processors, **r.overrides) for r in requests()],
             'bat': lambda: eng.run_batch(requests(), max_batch=n)}
@@ -1306,10 +1534,13 @@ def bench_rollouts(json:bool=True, # print one JSON line (else a readable summar
             t = time.perf_counter(); outs[k] = f(); best[k] = min(best[k], time.perf_counter() - t)
     (t_seq, seq), (t_bat, bat) = (best['seq'], outs['seq']), (best['bat'], outs['bat'])
     toks = sum(t.n_new_tokens for t in seq)
-    res = {'family': family, 'n': n, 'max_new_tokens': max_new_tokens,
+    V = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else len(tok)
+    res = {'family': family, 'n': n, 'max_new_tokens': max_new_tokens, 'temperature': temperature if temperature > 0 else 'greedy',
+           'vocab': len(tok), 'vocab_source': bench_vocab() if checkpoint is None else str(ck),
            'sequential_tokens_per_s': round(toks/t_seq, 1), 'batched_tokens_per_s': round(sum(t.n_new_tokens for t in bat)/t_bat, 1),
            'speedup': round(t_seq/t_bat, 2), 'identical': [t.ids for t in seq] == [t.ids for t in bat],
            'tool_calls': sum(t.n_tool_calls for t in bat), 'new_tokens': toks, 'sequential_s': round(t_seq, 3),
            'batched_s': round(t_bat, 3), 'device': str(next(model.parameters()).device), 'torch_threads': torch.get_num_threads()}
-    print(_json.dumps(res) if json else '\n'.join(f'{k:>24}: {v}' for k, v in res.items()))
+    if sample_repeats: res |= bench_sampling(64, V, sample_repeats, device=res['device'])
+    print(_json.dumps(res) if json else '\n'.join(f'{k:>26}: {v}' for k, v in res.items()))
     return res
