@@ -1,5 +1,5 @@
 "SFT/LoRA training end to end on tiny models (CPU): families x modes, merge, torchrun, DeepSpeed ZeRO-2, kill -9 + resume."
-import json, os, signal, subprocess, sys, time
+import json, os, re, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 
@@ -128,3 +128,117 @@ def test_kill_and_resume_matches_uninterrupted(world):
     # the uninterrupted run's losses: equal to float noise (a resume from the wrong weights, data order or optimizer state
     # differs by > 1e-3; since the lazy/length-grouped data path step 5 differs in the 7th digit, cause not yet found)
     assert s['losses'] == pytest.approx(ref['losses'], rel=1e-6)
+
+# --- issue 25/24: data a user can trust, the chunked loss ---
+from vlm_nb.sft import plan_sequences, train_sft_main, SFTConfig, VLMTrainer
+from vlm_nb.data import load_samples, save_samples, Sample, Turn
+
+@pytest.mark.parametrize('family', ['internvl3_5', 'ovis2_5'])
+def test_chunked_loss_equals_model_loss(world, family):
+    from transformers import TrainingArguments
+    m, ad = load_model(world['models'][family], **ADAPTER_OPTS[family])
+    seqs = list(build_sequences(world['train'], ad, world['images'], max_samples=4))
+    for packing in (False, True):
+        b = SFTCollator(ad, packing=packing, stats=False, max_tokens=4096)(seqs)
+        n = torch.tensor(int((b['labels'][:, 1:] != -100).sum()))
+        args = TrainingArguments(output_dir=str(world['dir']/'loss'), use_cpu=True, report_to='none')
+        out = {}
+        for impl, kw in (('model', {}), ('chunked', {}), ('chunked4', {'loss_chunk_tokens': 4})):
+            m.zero_grad()
+            loss = VLMTrainer(model=m, args=args, adapter=ad, loss_impl=impl[:7], **kw).compute_loss(m, b, num_items_in_batch=n)
+            loss.backward()
+            out[impl] = (float(loss.detach()), torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+        for impl in ('chunked', 'chunked4'):
+            assert out[impl][0] == pytest.approx(out['model'][0], rel=1e-5)
+            assert float((out[impl][1] - out['model'][1]).norm() / out['model'][1].norm()) < 1e-5
+
+def _plan_proc(args):
+    "One process of a 2-process preparation (run as a script: `python -c` with rank and world)."
+    data, model, images, cache, rank = args
+    code = ("import sys; from vlm_nb.sft import plan_sequences; from vlm_nb.models import load_model\n"
+            f"_, ad = load_model({model!r}, max_tiles=1)\n"
+            f"plan_sequences({data!r}, ad, {images!r}, cache_dir={cache!r}, part_size=3, workers=0, rank={rank}, world=2, merge=False)")
+    return subprocess.Popen([sys.executable, '-c', code], env=ENV, stderr=subprocess.PIPE, text=True)
+
+def test_two_process_preparation_equals_one(world):
+    m, ad = load_model(world['models']['internvl3_5'], max_tiles=1)
+    one = plan_sequences(world['train'], ad, world['images'], cache_dir=world['dir']/'plan1', workers=0)
+    args = [(str(world['train']), str(world['models']['internvl3_5']), str(world['images']), str(world['dir']/'plan2'), r) for r in (0, 1)]
+    procs = [_plan_proc(a) for a in args]
+    for p in procs: assert p.wait(timeout=600) == 0, p.stderr.read()[-2000:]
+    parts = list((world['dir']/'plan2').glob('.*.parts/part-*'))
+    assert len(parts) == -(-len(load_samples(world['train'])) // 3)      # every part planned by one of the two processes
+    two = plan_sequences(world['train'], ad, world['images'], cache_dir=world['dir']/'plan2', part_size=3, workers=0)   # joins them
+    assert [x[0] for x in two.meta] == [x[0] for x in one.meta]
+    for f, dt in (('ids.bin', 'int32'), ('roles.bin', 'uint8')):
+        assert (two.folder/f).read_bytes() == (one.folder/f).read_bytes(), f
+    a, b = one[2], two[2]
+    assert a.id == b.id and (a.input_ids == b.input_ids).all() and (a.roles == b.roles).all()
+
+def _broken_dataset(world):
+    "12 samples: 8 good, 2 with missing images, one with a 0-byte image, one with an unclosed `</tool_call`."
+    import shutil
+    d = world['dir']/'broken'; (d/'images').mkdir(parents=True, exist_ok=True)
+    good = load_samples(world['train'])[:8]
+    for s in good:
+        shutil.copy(Path(world['images'])/s.images[0], d/'images'/Path(s.images[0]).name); s.images = ['images/' + Path(s.images[0]).name]
+    (d/'images'/'empty.jpg').write_bytes(b'')
+    q = lambda img, ans, sid: Sample([Turn('user', '<image>\nWhat is it?'), Turn('assistant', ans)], [img], id=sid)
+    bad = [q('images/gone1.jpg', 'A card.', 'bad_missing1'), q('images/gone2.jpg', 'A card.', 'bad_missing2'),
+           q('images/empty.jpg', 'A card.', 'bad_zero_bytes'), q(good[0].images[0], '<tool_call>Crop [1, 2, 30, 40]</tool_call', 'bad_unclosed')]
+    save_samples(good + bad, d/'train.json')
+    return d/'train.json'
+
+def test_broken_dataset_refused_with_every_reason(world, capfd):
+    data = _broken_dataset(world)
+    cfg = write_cfg(world, 'run_broken', train_data=str(data), image_root=None, max_samples=None, max_steps=1)
+    assert train_sft_main([str(cfg)]) == 2
+    err = capfd.readouterr().err
+    for sid, why in (('bad_missing1', 'image file not found'), ('bad_missing2', 'image file not found'),
+                     ('bad_zero_bytes', 'unreadable image'), ('bad_unclosed', 'unclosed <tool_call>')):
+        assert re.search(rf"{sid}: .*{re.escape(why)}", err), (sid, err)
+    assert 'built 8, skipped 4' in err and '--max_skip_fraction' in err
+    assert train_sft_main([str(cfg), '--max_skip_fraction', '0.34']) == 0     # or train the rest, saying which were left out
+    assert 'skipped 2 missing-image: bad_missing1, bad_missing2' in capfd.readouterr().err
+
+def test_resume_says_what_and_refuses_other_runs(world, capfd):
+    cfg = write_cfg(world, 'run_resume', mode='lora', lora={'r': 4}, max_steps=2, save_steps=1)
+    assert train_sft_main([str(cfg)]) == 0
+    capfd.readouterr()
+    assert train_sft_main([str(cfg), '--max_steps', '3']) == 0
+    assert re.search(r"resuming from .*checkpoint-2 \(step 2, data fingerprint [0-9a-f]{16}\)", capfd.readouterr().err)
+    assert train_sft_main([str(cfg), '--max_steps', '4', '--lora.r', '8']) == 2
+    err = capfd.readouterr().err
+    assert 'other LoRA shape' in err and '--resume false' in err and 'size mismatch' not in err
+    other = world['dir']/'other.json'; other.write_text(json.dumps(json.loads(Path(world['train']).read_text())[:6]))
+    assert train_sft_main([str(cfg), '--max_steps', '4', '--train_data', str(other)]) == 2
+    assert 'other data' in capfd.readouterr().err
+    assert train_sft_main([str(cfg), '--max_steps', '1', '--lora.r', '8', '--resume', 'false']) == 0   # the way out works
+    assert train_sft_main([str(cfg), '--lora.rank', '8']) == 2
+    assert "did you mean 'lora.r'" in capfd.readouterr().err
+
+def _vanish_setup(world, name, **kw):
+    "A planned run whose most used image is then deleted: training meets it at load time."
+    import shutil
+    d = world['dir']/f'{name}_data'; shutil.copytree(world['images'], d/'images', dirs_exist_ok=True)
+    samples = load_samples(world['train'])[:8]
+    save_samples(samples, d/'train.json')
+    cfg = load_config(write_cfg(world, name, train_data=str(d/'train.json'), image_root=str(d/'images'), batch_size=1, **kw))
+    from vlm_nb.sft import sft_dataset
+    _, ad = load_model(world['models']['internvl3_5'], max_tiles=1)
+    sft_dataset(cfg, ad, cfg.train_data, cfg.image_root, cfg.max_samples)       # planned while every image is there
+    from collections import Counter
+    (d/'images'/Counter(s.images[0] for s in samples).most_common(1)[0][0]).unlink()
+    return cfg
+
+def test_vanished_image_one_process_trains_on(world):
+    cfg = _vanish_setup(world, 'run_vanish1', max_steps=-1, epochs=1, group_by_length=False)
+    r = train_sft(cfg)
+    assert r['steps'] == 8 and all(l == l for l in r['losses'])
+
+def test_vanished_image_two_processes_train_on(world):
+    cfg = _vanish_setup(world, 'run_vanish2', max_steps=-1, epochs=1)
+    p = world['dir']/'run_vanish2.json'
+    p.write_text(json.dumps({**json.loads(p.read_text()), 'train_data': cfg.train_data, 'image_root': cfg.image_root}))
+    r = _torchrun(p, timeout=600)
+    assert r['world_size'] == 2 and r['steps'] == 4

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_sequences.ipynb #43bc6577
 from __future__ import annotations
-import argparse, html, json, math, os, re, sys, time, random
+import argparse, html, json, math, os, re, sys, time, random, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -12,17 +12,18 @@ import numpy as np
 import torch
 from PIL import Image
 from fastcore.basics import patch
-from .data import Sample, Turn, read_dataset, load_image, ImageLoadError, shared_path, atomic_write_text
+from .data import Sample, Turn, read_dataset, load_image, ImageLoadError, shared_path, atomic_write_text, resolve_image_path, MAX_IMAGE_PIXELS
 from .tools import parse_tool_calls, get_tool, execute_call
 from .models import budget_shares
+from .validate import check_sample
 
 # %% auto #0
 __all__ = ['PROMPT', 'TRAINED', 'TOOL_RESPONSE', 'IMAGE', 'CONTEXT', 'PAD', 'ROLE_NAMES', 'IGNORE_INDEX', 'TOOL_RESPONSE_OPEN',
            'TOOL_RESPONSE_CLOSE', 'RESULT_MARKER', 'labels_from_roles', 'BodyPart', 'split_assistant', 'body_text',
-           'SkipSample', 'implied_size', 'placeholder_image', 'sample_images', 'SequenceConfig', 'BuildReport',
-           'sample_key', 'TrainSequence', 'SequenceBuilder', 'PendingBlock', 'build_sequence', 'mask_html',
-           'seq_positions', 'pad_collate', 'block_causal_mask', 'pack_collate', 'plan_packs', 'SequenceCollator',
-           'masks_main', 'bench_samples', 'final_text', 'padding_waste', 'bench_collator']
+           'SkipSample', 'implied_size', 'placeholder_image', 'image_size', 'sample_images', 'SequenceConfig',
+           'BuildReport', 'sample_key', 'TrainSequence', 'SequenceBuilder', 'PendingBlock', 'build_sequence',
+           'mask_html', 'seq_positions', 'pad_collate', 'block_causal_mask', 'pack_collate', 'plan_packs',
+           'SequenceCollator', 'masks_main', 'bench_samples', 'final_text', 'padding_waste', 'bench_collator']
 
 # %% ../nbs/05_sequences.ipynb #c2d4530f
 PROMPT, TRAINED, TOOL_RESPONSE, IMAGE, CONTEXT, PAD = range(6)
@@ -112,16 +113,54 @@ def placeholder_image(size:tuple) -> Image.Image:
     "A flat grey RGB image of `size` standing in for a missing file."
     return Image.new('RGB', (max(1, int(size[0])), max(1, int(size[1]))), (128, 128, 128))
 
+def image_size(path, # image path (relative to `root`)
+               root=None, # image root directory
+               cache:dict|None=None, # path -> size or `ImageLoadError`, filled as files are read
+              ) -> tuple:
+    "(w, h) of an image file from its header alone (no pixels decoded), or `ImageLoadError` with the reason `load_image` gives."
+    if cache is not None and path in cache:
+        v = cache[path]
+        if isinstance(v, Exception): raise v
+        return v
+    try:
+        p = resolve_image_path(path, root)
+        if not p.exists(): raise ImageLoadError(f"{path}: image file not found" + (f" under {root}" if root else ''))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter('error', Image.DecompressionBombWarning)
+                with Image.open(p) as im: size = im.size   # PIL reads the header only until pixels are asked for
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e: raise ImageLoadError(f"{path}: refused as a decompression bomb ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e: raise ImageLoadError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+        if size[0] * size[1] > MAX_IMAGE_PIXELS:
+            raise ImageLoadError(f"{path}: {size[0]}x{size[1]} exceeds the {MAX_IMAGE_PIXELS:,}-pixel limit (decompression bomb?)")
+    except ImageLoadError as e:
+        if cache is not None: cache[path] = e
+        raise
+    if cache is not None: cache[path] = size
+    return size
+
+_BLANKS = {}   # size -> a blank stand-in image (only read: tools crop it, nothing draws on it)
+
+def _blank(size:tuple) -> Image.Image:
+    "A blank 'L' image of `size`, made once per size."
+    im = _BLANKS.get(size)
+    if im is None:
+        if len(_BLANKS) >= 256: _BLANKS.clear()
+        im = _BLANKS[size] = Image.new('L', size)
+    return im
+
 def sample_images(sample:Sample, # images: paths (relative to `root`) or PIL images
                   root=None, # image root directory
                   missing:str='skip', # 'skip' | 'placeholder' | 'error'
-                  parse:Callable|None=None) -> tuple:
+                  parse:Callable|None=None,
+                  sizes:dict|None=None, # given: read only the sizes of image files (cached here) and return blank stand-ins
+                 ) -> tuple:
     "Load a sample's images -> (list of PIL images, indices that are placeholders); raises `SkipSample` per `missing`."
     if missing not in ('skip', 'placeholder', 'error'): raise ValueError(f"missing must be 'skip', 'placeholder' or 'error', not {missing!r}")
     out, ph = [], []
     for i, im in enumerate(sample.images):
         if isinstance(im, Image.Image): out.append(im); continue
-        try: out.append(load_image(im, root))
+        try: out.append(load_image(im, root) if sizes is None else _blank(image_size(im, root, sizes)))
         except ImageLoadError as e:
             if missing == 'error': raise
             if missing == 'skip' or 'not found' not in str(e): raise SkipSample(f"image: {e}") from None
@@ -141,6 +180,7 @@ class SequenceConfig:
     pixels: bool = True         # False: keep token ids only (no pixel tensors)
     tool_images: bool = True    # execute tool calls and inject their results (False: calls stay bare; token statistics only)
     unanswered: str = 'insert'  # a call whose result is not in the data: 'insert' what the engine would return | 'skip' the sample
+    gate: bool = True           # skip samples with errors `vlm-nb data validate` reports (malformed tool markup is never trained)
     keep_thinking: bool = False # Ovis2.5: keep earlier assistant turns' thinking (its official template drops text before `</think>`)
 
 @dataclass
@@ -210,6 +250,7 @@ class TrainSequence:
 
 # %% ../nbs/05_sequences.ipynb #aee5382f
 _BIG = 64  # pixel tensors with more elements than this are dropped in pixels=False mode (grids are kept)
+_MEMO_CHARS, _MEMO_SIZE = 256, 100_000   # texts up to this long are tokenized once per builder, up to this many of them
 
 class SequenceBuilder:
     "Builds `TrainSequence`s for one family adapter; keeps a `BuildReport` of trims and skips."
@@ -232,11 +273,25 @@ class SequenceBuilder:
         self.report = BuildReport()
         self.marker = getattr(adapter, 'image_marker', '<image>')
         self.eos_id = self.tok.convert_tokens_to_ids('<|im_end|>')
-        self._sys_cache, self._delta_base = {}, {}
+        self._sys_cache, self._delta_base, self._sizes, self._current = {}, {}, {}, None
+        self._memo, self._calls = {}, {}   # short text -> its ids (kept across chunks); text -> its tool calls (one sample)
 
     def _encode(self, texts:list) -> list:
-        "Token ids of each text (no special tokens added), one batched fast-tokenizer call."
+        "Token ids of each text (no special tokens added): each distinct text tokenized once, all in one batched call."
         if not texts: return []
+        memo = self._memo
+        new = [t for t in dict.fromkeys(texts) if t not in memo]
+        got = dict(zip(new, self._encode_batch(new))) if new else {}
+        for t, ids in got.items():   # chat markup, templates, tool wrappers, short answers: kept for the next chunks
+            if len(t) <= _MEMO_CHARS and len(memo) < _MEMO_SIZE: memo[t] = ids
+        return [memo[t] if t in memo else got[t] for t in texts]
+
+    def _encode_batch(self, texts:list) -> list:
+        "Token ids of `texts` from one call of the Rust tokenizer (ids only, no offsets), or of the tokenizer itself when that could differ."
+        bk = getattr(self.tok, '_tokenizer', None)
+        if (getattr(self.tok, 'is_fast', False) and hasattr(bk, 'encode_batch_fast') and bk.truncation is None and bk.padding is None
+            and bk.encode_special_tokens == bool(getattr(self.tok, 'split_special_tokens', False))):   # what `tok(...)` would set
+            return [e.ids for e in bk.encode_batch_fast(texts, add_special_tokens=False)]
         return self.tok(texts, add_special_tokens=False)['input_ids']
 
 # %% ../nbs/05_sequences.ipynb #7cc926bc
@@ -266,7 +321,7 @@ def _make_block(self:SequenceBuilder, p:PendingBlock, n_images:int):
     if not self.cfg.pixels:
         k = ('size', p.role, p.size, n_images)
         b = self.block_cache.get(k)
-        if b is None: b = self.block_cache[k] = _light(self.adapter.image_block(Image.new('RGB', p.size), p.role, n_images=n_images))
+        if b is None: b = self.block_cache[k] = self.adapter.block_from_size(p.size, p.role, n_images)   # closed form, no pixels
         return b
     k = None if p.key is None else (p.key, n_images)
     if k is not None and k in self.block_cache: return self.block_cache[k][1]
@@ -286,6 +341,8 @@ def _tool_part(self:SequenceBuilder, call, images:list, image_keys:tuple, notes:
     "What follows `call` when the data holds no result: ('b', image block) or ('t', the `<tool_response>` the engine would append)."
     key = ('tool', image_keys, call.raw)
     if key in self.block_cache: return 'b', self.block_cache[key][1]
+    if not self.cfg.pixels and getattr(call, 'name', None) != 'Crop' and self._current is not None:   # sizes suffice for crops only
+        images = sample_images(self._current, self.cfg.image_root, self.cfg.missing, self.parse)[0][:len(images)]
     res = execute_call(self.get_tool, images, call)          # the engine's own path from a call to its result
     if res.kind == 'image' and res.image is not None:
         b = self._block(res.image, 'crop')
@@ -336,9 +393,28 @@ def _result_segs(self:SequenceBuilder, segs:list, role:int, response:str|None, b
         if piece: segs.append(('t', TOOL_RESPONSE, piece))
         if j < len(pieces) - 1: segs.append(('b', IMAGE, block))
 
+_BUILDER_CHECKS = {'image-count'}   # checked by the builder itself (images without markers go first in the first user turn)
+
+@patch
+def _tool_calls(self:SequenceBuilder, text:str) -> list:
+    "`parse_tool_calls(text)`, parsed once per sample: the gate and the builder read the same calls."
+    c = self._calls.get(text)
+    if c is None: c = self._calls[text] = parse_tool_calls(text)
+    return c
+
+@patch
+def _tagged(self:SequenceBuilder, text:str) -> list:
+    "The `<tool_call>` calls of `text` for `split_assistant`: the sample's one parse without legacy forms (the default parser's answer)."
+    if self.parse is not _parse_tagged: return self.parse(text)
+    return [c for c in self._tool_calls(text) if c.syntax in ('canonical', 'json')] if '<tool_call>' in text else []
+
 @patch
 def _plan(self:SequenceBuilder, s:Sample):
     "The parts of `s` in order: ('t', role, text) | ('i', role, ids) | ('b', IMAGE, block), plus block sources, placeholders, notes."
+    self._calls.clear()
+    if self.cfg.gate:   # the checks of `vlm-nb data validate` are the one gate: what it calls an error is never trained
+        errs = [p for p in check_sample(s, calls=self._tool_calls) if p.level == 'error' and p.code not in _BUILDER_CHECKS]
+        if errs: raise SkipSample(f"{errs[0].code}: {errs[0].message}" + (f" (and {len(errs) - 1} more)" if len(errs) > 1 else ''))
     groups, msgs = [], []
     for t in s.turns:
         if t.role == 'assistant': groups.append((msgs, t.text)); msgs = []
@@ -352,7 +428,8 @@ def _plan(self:SequenceBuilder, s:Sample):
         if first is None: raise SkipSample('images but no user message to put them in')
         groups[0][0][groups[0][0].index(first)] = {**first, 'content': (self.marker + '\n')*len(s.images) + first['content']}
     elif n_mark != len(s.images): raise SkipSample(f"{n_mark} {self.marker} markers in the prompt but {len(s.images)} images")
-    imgs, ph = sample_images(s, self.cfg.image_root, self.cfg.missing, self.parse)
+    imgs, ph = sample_images(s, self.cfg.image_root, self.cfg.missing, self.parse, None if self.cfg.pixels else self._sizes)
+    self._current = s
     keys = [('placeholder', imgs[i].size) if i in ph else _image_key(im) for i, im in enumerate(s.images)]
     segs, sources, notes, seen, last = [], [], [], 0, len(groups) - 1
     turn = getattr(self.adapter, 'tool_layout', 'inline') == 'turn'
@@ -372,7 +449,7 @@ def _plan(self:SequenceBuilder, s:Sample):
                 segs.append(('b', IMAGE, self._block(imgs[seen], 'image', keys[seen] if self._cache_images else None)))
                 sources.append('sample'); seen += 1
         role = TRAINED if (self.cfg.train_turns == 'all' or k == last) else CONTEXT
-        parts, fresh = split_assistant(body, self.parse), False   # fresh: a 'turn' result just opened a new assistant turn
+        parts, fresh = split_assistant(body, self._tagged), False   # fresh: a 'turn' result just opened a new assistant turn
         for i, p in enumerate(parts):
             if p.kind == 'text' and turn and not p.text.strip() and 0 < i < len(parts) - 1 and \
                parts[i-1].kind == 'slot' and parts[i+1].kind == 'tool_response': continue   # the result follows the call directly
@@ -392,14 +469,18 @@ def _plan(self:SequenceBuilder, s:Sample):
 @patch
 def _assemble(self:SequenceBuilder, s:Sample, segs:list, sources:list, ph:list, encoded) -> TrainSequence:
     "Join the parts of a plan (texts from the iterator `encoded`) into a `TrainSequence`, truncating safely."
-    ids, codes, lens, spans, blocks = [], [], [], [], []
+    parts, codes, lens, spans, blocks, L = [], [], [], [], [], 0
     for kind, role, pay in segs:
         if kind == 't': t = next(encoded)
         elif kind == 'i': t = pay
-        else: t = pay.token_ids; spans.append((len(ids), len(ids) + len(t))); blocks.append(pay)
-        ids.extend(t); codes.append(role); lens.append(len(t))
-    input_ids, roles = np.array(ids, dtype=np.int64), np.repeat(np.array(codes, dtype=np.uint8), lens)
-    L, mx, cut = len(ids), self.cfg.max_length, 0
+        else:
+            t = getattr(pay, '_ids', None)   # an image block's ids as an array, made once per (cached) block
+            if t is None: t = np.asarray(pay.token_ids, dtype=np.int64); setattr(pay, '_ids', t)
+            spans.append((L, L + len(t))); blocks.append(pay)
+        parts.append(t); codes.append(role); lens.append(len(t)); L += len(t)
+    input_ids = np.concatenate([np.asarray(t, dtype=np.int64) for t in parts]) if parts else np.zeros(0, np.int64)
+    roles = np.repeat(np.array(codes, dtype=np.uint8), lens)
+    mx, cut = self.cfg.max_length, 0
     if L > mx:
         if self.cfg.overflow == 'skip': raise SkipSample(f"too long: {L} tokens > max_length {mx}")
         end = mx

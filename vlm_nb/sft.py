@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_sft.ipynb #508ced1c
 from __future__ import annotations
-import argparse, copy, dataclasses, json, math, os, re, shutil, sys, time, warnings
+import argparse, contextlib, copy, dataclasses, gc as _gc, hashlib, json, logging, math, os, re, shutil, sys, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any
@@ -14,18 +14,23 @@ from fastcore.basics import patch
 from .data import Sample, Turn, load_samples, atomic_write_json, atomic_write_text, respect_umask
 from .models import FAMILIES, family_of, load_model, get_adapter, load_tokenizer, checkpoint_meta, CHECKPOINT_META, record_tool_layout
 from .models import resolve_model
+from .logprobs import causal_lm_loss
+
+_log = logging.getLogger('vlm_nb.sft')
 
 # %% auto #0
-__all__ = ['MODEL_PARTS', 'LORA_PRESETS', 'DEEPSPEED_CONFIGS', 'ATTN_IMPLEMENTATIONS', 'PROCESSOR_FILES', 'LoraSettings',
-           'SFTConfig', 'apply_overrides', 'load_config', 'steps_per_epoch', 'model_part', 'freeze_parts',
-           'trainable_report', 'lora_target_regex', 'apply_lora', 'SFTDataset', 'build_sequences', 'sample_json',
-           'sample_from_json', 'LazySFTDataset', 'default_cache_dir', 'plan_sequences', 'pack_rows', 'SFTCollator',
-           'TrainStatsCallback', 'EpochLengthSampler', 'VLMTrainer', 'configs_dir', 'write_deepspeed_configs',
-           'deepspeed_config', 'last_checkpoint', 'training_arguments', 'set_attention', 'prepare_model',
-           'copy_processor_files', 'save_tokenizer_files', 'staging_dir', 'publish_dir', 'data_system_prompt',
-           'trained_model_meta', 'image_token_stats', 'param_shard', 'sft_dataset', 'train_sft', 'merge_lora',
-           'config_yaml', 'example_configs', 'config_path', 'train_sft_main', 'train_merge_main', 'bench_train',
-           'crop_bench_data', 'bench_memory', 'internvl_1b_config', 'gpu_train_bench']
+__all__ = ['MODEL_PARTS', 'LORA_PRESETS', 'DEEPSPEED_CONFIGS', 'FINGERPRINT', 'ATTN_IMPLEMENTATIONS', 'PROCESSOR_FILES',
+           'LoraSettings', 'SFTConfig', 'apply_overrides', 'load_config', 'steps_per_epoch', 'model_part',
+           'freeze_parts', 'trainable_report', 'lora_target_regex', 'apply_lora', 'SFTDataset', 'build_sequences',
+           'sample_json', 'sample_from_json', 'LazySFTDataset', 'default_cache_dir', 'plan_sequences', 'skip_kind',
+           'build_report', 'check_skips', 'pack_rows', 'SFTCollator', 'TrainStatsCallback', 'EpochLengthSampler',
+           'VLMTrainer', 'configs_dir', 'write_deepspeed_configs', 'deepspeed_config', 'last_checkpoint',
+           'run_fingerprint', 'check_resume', 'FingerprintCallback', 'training_arguments', 'set_attention',
+           'prepare_model', 'copy_processor_files', 'save_tokenizer_files', 'staging_dir', 'publish_dir',
+           'data_system_prompt', 'trained_model_meta', 'image_token_stats', 'param_shard', 'sft_dataset', 'data_report',
+           'train_sft', 'merge_lora', 'config_yaml', 'example_configs', 'config_path', 'train_sft_main',
+           'train_merge_main', 'bench_train', 'crop_bench_data', 'bench_memory', 'bench_plan', 'internvl_1b_config',
+           'gpu_train_bench']
 
 # %% ../nbs/07_sft.ipynb #6dc957ff
 @dataclass
@@ -55,7 +60,11 @@ class SFTConfig:
     attn_implementation: str = 'sdpa' # 'sdpa' | 'flash_attention_2' | 'flex_attention' | 'eager'
     lazy: bool = True               # plan sequences once (cached on disk), compute pixels per batch; False: all in memory
     cache_dir: str|None = None      # where plans are cached (default: output_dir/sequence_cache)
-    group_by_length: bool = True    # batches of similar lengths (less padding), in a random order of batches
+    group_by_length: bool = True    # batches of similar lengths (less padding), the batches in random order (kinds stay mixed)
+    max_skip_fraction: float = 0.01 # refuse to train when more of the samples than this are skipped (each is named with its reason)
+    prep_workers: int|None = None   # processes that prepare the data (None: up to 4, fewer for small datasets; 0: in this process)
+    loss_impl: str = 'chunked'      # 'chunked': logits only at trained positions, chunk by chunk | 'liger' (CUDA) | 'model': the model's own loss
+    loss_chunk_tokens: int|None = None # positions per loss chunk (None: a [chunk, vocab] float32 block of about 256 MB)
     epochs: float = 1.0
     max_steps: int = -1             # > 0 overrides epochs
     batch_size: int = 1             # per device
@@ -75,11 +84,12 @@ class SFTConfig:
     early_stopping_patience: int = 0 # > 0 (with eval_data): stop after N evaluations without a better eval loss
     deepspeed: str|None = None      # 'zero0'..'zero3', 'zero2_offload', 'zero3_offload' (shipped) or a JSON path
     seed: int = 42
-    num_workers: int = 0            # dataloader workers
+    num_workers: int = 2            # dataloader workers: items (pixels, tool crops) prepared beside the step (0: in the training process)
     resume: bool = True             # continue from the newest complete checkpoint in output_dir
     max_samples: int|None = None    # use only the first N training samples (smoke tests)
     dtype: str = 'float32'          # weights as loaded: 'float32' (master weights for autocast) | 'bfloat16'
     ddp_find_unused_parameters: bool|None = None
+    ddp_timeout: int = 7200         # seconds a process waits for the others (data preparation, checkpoints) before giving up
     report_to: str = 'none'         # 'none' | 'tensorboard' | 'wandb' ...
     progress: bool = True           # tqdm progress bars
 
@@ -102,18 +112,42 @@ def _coerce(raw:str, current, name:str):
         except ValueError: return raw
     return raw
 
-def _set(cfg, key:str, value, parse:bool):
+_ALIASES = {'rank': 'r', 'lora_r': 'lora.r', 'lora_rank': 'lora.r', 'lora_alpha': 'lora.alpha', 'lora_dropout': 'lora.dropout',
+            'lora_target_modules': 'lora.targets', 'target_modules': 'targets', 'learning_rate': 'lr', 'num_train_epochs': 'epochs',
+            'per_device_train_batch_size': 'batch_size', 'gradient_accumulation_steps': 'grad_accum', 'max_seq_length': 'max_length',
+            'model_name_or_path': 'model', 'dataset': 'train_data', 'dataloader_num_workers': 'num_workers', 'lr_scheduler_type': 'scheduler',
+            'save_strategy': 'save_steps', 'bf16_full_eval': 'bf16', 'resume_from_checkpoint': 'resume', 'deepspeed_config': 'deepspeed'}
+
+def _keys(obj, prefix:str='')->list:
+    "Every dotted key of the nested dataclass `obj`."
+    out = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        out += [prefix + f.name] + (_keys(v, prefix + f.name + '.') if dataclasses.is_dataclass(v) else [])
+    return out
+
+def _unknown(cfg, key:str)->KeyError:
+    "The error for an unknown `key`, with the likeliest meant keys (the HF/TRL name's counterpart, else the closest spellings)."
+    import difflib
+    k = key.replace('-', '_'); keys = _keys(cfg); leaf = k.rsplit('.', 1)
+    alias = _ALIASES.get(k) or (leaf[0] + '.' + _ALIASES[leaf[1]] if len(leaf) == 2 and leaf[1] in _ALIASES else None)
+    near = ([alias] if alias in keys else []) + [c for c in difflib.get_close_matches(k, keys, n=3, cutoff=0.6) if c != alias]
+    return KeyError(f"unknown config key {key!r}" + (f"; did you mean {' or '.join(repr(c) for c in near)}?" if near else
+                                                       "; see `vlm-nb train sft --print-config` for every key"))
+
+def _set(cfg, key:str, value, parse:bool, root=None):
     "Set dotted `key` on the nested dataclass `cfg` (parsing `value` from a string when `parse`)."
+    root = root or cfg
     obj, parts = cfg, key.replace('-', '_').split('.')
     for p in parts[:-1]:
-        if not dataclasses.is_dataclass(getattr(obj, p, None)): raise KeyError(f"unknown config key {key!r}")
+        if not dataclasses.is_dataclass(getattr(obj, p, None)): raise _unknown(root, key)
         obj = getattr(obj, p)
     name = parts[-1]
-    if name not in {f.name for f in dataclasses.fields(obj)}: raise KeyError(f"unknown config key {key!r}")
+    if name not in {f.name for f in dataclasses.fields(obj)}: raise _unknown(root, key)
     cur = getattr(obj, name)
     if dataclasses.is_dataclass(cur):
         if not isinstance(value, dict): raise ValueError(f"{key} takes a mapping")
-        for k, v in value.items(): _set(cur, k, v, parse)
+        for k, v in value.items(): _set(root, f'{key}.{k}', v, parse)
         return
     setattr(obj, name, _coerce(value, cur, name) if parse else value)
 
@@ -262,7 +296,8 @@ def build_sequences(path:str|Path, # dataset file
 # %% ../nbs/07_sft.ipynb #825d7a30
 def sample_json(s:Sample)->bytes:
     "One line of JSON for a planned `Sample` (paths and plain data only: a plan never holds code)."
-    try: return (json.dumps(asdict(s), ensure_ascii=False) + '\n').encode()
+    d = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}; d['turns'] = [vars(t) for t in s.turns]   # no deep copy (asdict's)
+    try: return (json.dumps(d, ensure_ascii=False) + '\n').encode()
     except TypeError as e: raise TypeError(f"sample {s.id!r}: cannot be planned lazily ({e}); give image paths, not in-memory images") from None
 
 def sample_from_json(b:bytes)->Sample:
@@ -271,7 +306,7 @@ def sample_from_json(b:bytes)->Sample:
     return Sample(**d)
 
 # %% ../nbs/07_sft.ipynb #46086a7d
-_PLAN_VERSION = 2   # 2: samples stored as JSON lines
+_PLAN_VERSION = 3   # 2: samples stored as JSON lines; 3: the validation gate, sizes from image headers, parts
 
 def _plan_key(path, adapter, seq_cfg:dict, max_samples=None)->str:
     "A short hash of the data file (path, size, mtime), the adapter's settings, the tokenizer and the sequence settings."
@@ -294,6 +329,7 @@ class LazySFTDataset(torch.utils.data.Dataset):
         self.meta = json.loads((self.folder/'meta.json').read_text())  # [id, block spans, block sources, placeholders, trimmed]
         self.report = BuildReport(**info['report'])
         self._ids = self._roles = self._builder = None
+        self.vanished = {}   # index -> reason, for the items whose images could not be read during training
     def __getstate__(self): return {**self.__dict__, '_ids': None, '_roles': None, '_builder': None}  # workers reopen
     def __len__(self): return len(self.index)
     @property
@@ -311,14 +347,13 @@ class LazySFTDataset(torch.utils.data.Dataset):
         "The `Sample` behind sequence `i`."
         _, _, so, sn = (int(x) for x in self.index[i])
         with open(self.folder/'samples.jsonl', 'rb') as f: f.seek(so); return sample_from_json(f.read(sn))
-    def __getitem__(self, i):
-        from vlm_nb.sequences import TrainSequence, SkipSample
+    def _item(self, i):
+        "Sequence `i` with its pixels; raises `SkipSample` when its images cannot be read now."
+        from vlm_nb.sequences import TrainSequence
         self._open()
         off, n = int(self.index[i, 0]), int(self.index[i, 1])
         sid, spans, sources, ph, trimmed = self.meta[i]
-        try: segs = self._builder._resolve(self._builder._plan(self.sample(i))[0])
-        except SkipSample as e:   # an image that was readable when planned is gone: drop the item, say which
-            warnings.warn(f"sample {sid}: skipped at load time ({e}); re-plan after fixing the data"); return None
+        segs = self._builder._resolve(self._builder._plan(self.sample(i))[0])
         blocks = [p for k, _, p in segs if k == 'b'][:len(spans)]
         got, want = [len(b.token_ids) for b in blocks], [b - a for a, b in spans]
         if got != want:
@@ -327,58 +362,178 @@ class LazySFTDataset(torch.utils.data.Dataset):
         ids = np.asarray(self._ids[off:off + n], dtype=np.int64); roles = np.array(self._roles[off:off + n])
         for b, (a, e) in zip(blocks, spans): ids[a:e] = b.token_ids
         return TrainSequence(sid, ids, roles, blocks, [tuple(s) for s in spans], list(sources), list(ph), trimmed, self.adapter.tokenizer)
+    def __getitem__(self, i):
+        "Sequence `i`; when its images vanished since planning, the next readable sequence in its place (logged, never None)."
+        from vlm_nb.sequences import SkipSample
+        n = len(self)
+        for k in range(n):
+            j = (int(i) + k) % n
+            try: seq = self._item(j)
+            except SkipSample as e:
+                msg = f"sample {self.meta[j][0]}: skipped at load time ({e}); the next readable sample takes its place"
+                if j not in self.vanished: warnings.warn(msg); _log.warning(msg)
+                self.vanished[j] = str(e); continue
+            return seq
+        raise RuntimeError(f"no sample of {self.folder} can be read any more (the first: {next(iter(self.vanished.items()), None)})")
 
 def default_cache_dir()->Path:
     "Where plans go when no folder is given: `$VLM_NB_CACHE/sequences`, else `~/.cache/vlm_nb/sequences`."
     base = os.environ.get('VLM_NB_CACHE') or Path(os.environ.get('XDG_CACHE_HOME', Path.home()/'.cache'))/'vlm_nb'
     return Path(base)/'sequences'
 
+_WORK = None    # (samples, adapter, SequenceConfig, parts folder, part size) inherited by forked workers
+
+def _plan_part(k:int)->int:
+    "Plan part `k` of `_WORK` into its own folder (written under a temporary name, then renamed: a part is there or not)."
+    from vlm_nb.sequences import SequenceBuilder
+    samples, adapter, scfg, parts, size = _WORK
+    out = parts/f'part-{k:06d}'
+    if (out/'report.json').exists(): return 0
+    tmp = parts/f'.part-{k:06d}-{os.getpid()}'; shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+    part = samples[k*size:(k + 1)*size]
+    b = SequenceBuilder(adapter, scfg, block_cache={})
+    index, meta, tok_off, byte_off = [], [], 0, 0
+    with open(tmp/'ids.bin', 'wb') as fi, open(tmp/'roles.bin', 'wb') as fr, open(tmp/'samples.jsonl', 'wb') as fs:
+        for s, q in zip(part, b.build_many(part, chunk=256, align=True)):
+            if q is None: continue
+            blob = sample_json(s)
+            fi.write(q.input_ids.astype(np.int32).tobytes()); fr.write(q.roles.astype(np.uint8).tobytes()); fs.write(blob)
+            index.append((tok_off, len(q), byte_off, len(blob))); tok_off += len(q); byte_off += len(blob)
+            meta.append([q.id, [list(x) for x in q.block_spans], q.block_sources, q.placeholders, q.trimmed])
+    np.save(tmp/'index.npy', np.array(index, dtype=np.int64).reshape(-1, 4))
+    atomic_write_json(tmp/'meta.json', meta, indent=None)   # compact: json's C encoder (indent makes it Python's)
+    r = b.report
+    atomic_write_json(tmp/'report.json', {'n': len(part), 'built': r.built, 'trimmed': r.trimmed, 'skipped': r.skipped,
+                                          'placeholders': r.placeholders, 'notes': r.notes})
+    try: os.replace(tmp, out)
+    except OSError: shutil.rmtree(tmp, ignore_errors=True)   # another process wrote the same part first
+    return len(part)
+
+@contextlib.contextmanager
+def _no_gc():
+    "No cyclic garbage collection inside: building frees its objects by reference counting, and each collection would walk every live object (the tokenizer's and torch's included)."
+    on = _gc.isenabled(); _gc.disable()
+    try: yield
+    finally:
+        if on: _gc.enable()
+
+def _run_parts(todo:list, workers:int):
+    "Plan the parts `todo`, over `workers` forked processes (0 or 1: here)."
+    if workers <= 1 or len(todo) <= 1:
+        with _no_gc():
+            for k in todo: _plan_part(k)
+        return
+    import multiprocessing as mp
+    ctx = mp.get_context('fork')   # workers inherit the samples and the adapter: nothing is pickled
+    def work(ks):
+        torch.set_num_threads(1); _gc.disable()   # the process ends with its parts: its garbage goes with it
+        for k in ks: _plan_part(k)
+    _gc.collect(); _gc.freeze()   # workers then never touch (copy) the pages of this process's objects for collection
+    procs = [ctx.Process(target=work, args=(todo[w::workers],), daemon=True) for w in range(min(workers, len(todo)))]
+    for p in procs: p.start()
+    for p in procs: p.join()
+    _gc.unfreeze()
+    bad = [p.exitcode for p in procs if p.exitcode]
+    if bad: raise RuntimeError(f"a data preparation process failed (exit code {bad[0]}); run with prep_workers=0 to see its error")
+
+def _merge_parts(parts:Path, n_parts:int, dest:Path, info:dict, unreadable:list=()):
+    "Join the part folders in order into one plan folder `dest` (offsets shifted); its plan.json holds the whole build report."
+    rep = {'built': 0, 'trimmed': [], 'skipped': [list(u) for u in unreadable], 'placeholders': [], 'notes': []}
+    index, meta, tok, byt, n = [], [], 0, 0, len(unreadable)
+    with open(dest/'ids.bin', 'wb') as fi, open(dest/'roles.bin', 'wb') as fr, open(dest/'samples.jsonl', 'wb') as fs:
+        for k in range(n_parts):
+            p = parts/f'part-{k:06d}'
+            r = json.loads((p/'report.json').read_text()); n += r['n']
+            for key in rep: rep[key] = rep[key] + r[key] if key != 'built' else rep[key] + r[key]
+            ix = np.load(p/'index.npy')
+            if len(ix): ix[:, 0] += tok; ix[:, 2] += byt
+            index.append(ix); meta += json.loads((p/'meta.json').read_text())
+            for name, f in (('ids.bin', fi), ('roles.bin', fr), ('samples.jsonl', fs)):
+                with open(p/name, 'rb') as src: shutil.copyfileobj(src, f, 1 << 22)
+            tok += (p/'roles.bin').stat().st_size; byt += (p/'samples.jsonl').stat().st_size
+    np.save(dest/'index.npy', np.concatenate(index) if index else np.zeros((0, 4), np.int64))
+    atomic_write_json(dest/'meta.json', meta, indent=None)
+    atomic_write_json(dest/'plan.json', {**info, 'n_samples': n, 'n': len(meta), 'tokens': tok, 'report': rep})
+    return rep, n
+
 def plan_sequences(path:str|Path, # dataset file
                    adapter, # family adapter
                    image_root:str|Path|None=None, # default: the dataset file's folder
                    max_length:int=4096, max_samples:int|None=None,
                    cache_dir:str|Path|None=None, # plans live in cache_dir/<key> (default `default_cache_dir()`)
-                   progress:bool=False, chunk:int=256, # samples planned per batched tokenizer call
-                   **seq_kw)->LazySFTDataset: # other `SequenceConfig` fields
-    "Plan the training sequences of `path` once (cached on disk) and return them as a `LazySFTDataset`."
-    from vlm_nb.sequences import SequenceBuilder, SequenceConfig
+                   progress:bool=False, chunk:int=256, # (kept for callers; parts are tokenized 256 samples a call)
+                   workers:int|None=None, # processes (None: up to 4, one per 2 parts of 1,024 samples; 0: this process)
+                   rank:int=0, world:int=1, # this process's share of the parts: every world-th from rank
+                   merge:bool=True, # False: only plan this rank's parts (call again with True once every rank is done)
+                   part_size:int=1024, # samples per part: the unit of work of a process, and of resuming an interrupted preparation
+                   **seq_kw)->LazySFTDataset|None: # other `SequenceConfig` fields
+    "Plan the training sequences of `path` once (cached on disk, resumable part by part) and return them as a `LazySFTDataset`."
+    global _WORK
+    from vlm_nb.sequences import SequenceConfig
     root = str(image_root) if image_root else str(Path(path).parent)
     scfg = SequenceConfig(**{'max_length': max_length, 'image_root': root, **seq_kw, 'pixels': True})
     key = _plan_key(path, adapter, asdict(scfg), max_samples)
     folder = Path(cache_dir) if cache_dir else default_cache_dir(); folder = folder/key
     if (folder/'plan.json').exists(): return LazySFTDataset(folder, adapter, scfg)
-    samples = load_samples(path)
+    from vlm_nb.data import read_dataset
+    ds = read_dataset(path); samples = ds.samples
     if max_samples: samples = samples[:max_samples]
+    unreadable = [(w, f'unreadable-record: {m}') for w, m in ds.problems]   # records that are not samples at all
+    n_parts = max(1, math.ceil(len(samples)/part_size))
+    parts = folder.parent/f'.{key}.parts'; parts.mkdir(parents=True, exist_ok=True)
+    todo = [k for k in range(rank, n_parts, world) if not (parts/f'part-{k:06d}'/'report.json').exists()]
+    if merge: todo = [k for k in range(n_parts) if not (parts/f'part-{k:06d}'/'report.json').exists()]   # whatever is left
+    if workers is None: workers = min(4, os.cpu_count() or 1, max(1, len(todo)//2))
+    _WORK = (samples, adapter, SequenceConfig(**{**asdict(scfg), 'pixels': False}), parts, part_size)
+    try:
+        if progress and todo: print(f"preparing {len(samples):,} samples ({len(todo)} parts, {max(workers, 1)} process(es))", file=sys.stderr)
+        _run_parts(todo, workers)
+    finally: _WORK = None
+    if not merge: return None
     tmp = folder.parent/f'.{key}-{os.getpid()}'; shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    b = SequenceBuilder(adapter, SequenceConfig(**{**asdict(scfg), 'pixels': False}), block_cache={})
-    index, meta, tok_off, byte_off = [], [], 0, 0
-    it = range(0, len(samples), chunk)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, total=math.ceil(len(samples)/chunk), desc='planning sequences')
-    with open(tmp/'ids.bin', 'wb') as fi, open(tmp/'roles.bin', 'wb') as fr, open(tmp/'samples.jsonl', 'wb') as fs:
-        for i in it:
-            part = samples[i:i + chunk]
-            for s, q in zip(part, b.build_many(part, chunk=chunk, align=True)):
-                if q is None: continue
-                blob = sample_json(s)
-                fi.write(q.input_ids.astype(np.int32).tobytes()); fr.write(q.roles.astype(np.uint8).tobytes()); fs.write(blob)
-                index.append((tok_off, len(q), byte_off, len(blob))); tok_off += len(q); byte_off += len(blob)
-                meta.append([q.id, [list(x) for x in q.block_spans], q.block_sources, q.placeholders, q.trimmed])
-            b.block_cache.clear()
-    if not index: shutil.rmtree(tmp, ignore_errors=True); raise ValueError(
-        f"{path}: no usable training sequences ({len(samples)} samples; skipped: {b.report.skipped[:3]})")
-    np.save(tmp/'index.npy', np.array(index, dtype=np.int64).reshape(-1, 4))
-    atomic_write_json(tmp/'meta.json', meta)
-    rep = b.report.as_dict()
-    rep = {'built': rep['built'], 'trimmed': list(b.report.trimmed), 'skipped': list(b.report.skipped),
-           'placeholders': list(b.report.placeholders), 'notes': list(b.report.notes)}
-    atomic_write_json(tmp/'plan.json', {'data': str(Path(path).resolve()), 'family': adapter.family, 'seq': asdict(scfg),
-                                        'n': len(index), 'tokens': tok_off, 'report': rep})
+    rep, n = _merge_parts(parts, n_parts, tmp, {'data': str(Path(path).resolve()), 'family': adapter.family, 'seq': asdict(scfg)}, unreadable)
+    if not rep['built']:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"{path}: no usable training sequences\n" + build_report(rep, n))
     try: os.replace(tmp, folder)
     except OSError: shutil.rmtree(tmp, ignore_errors=True)   # another process published the same plan first
+    shutil.rmtree(parts, ignore_errors=True)
     return LazySFTDataset(folder, adapter, scfg)
 
+# %% ../nbs/07_sft.ipynb #rep00002
+_KINDS = (('image file not found', 'missing-image'), ('unreadable image', 'bad-image'), ('pixel limit', 'bad-image'),
+          ('too long', 'too-long'), ('nothing trained within', 'too-long'), ('markers in the prompt', 'image-count'),
+          ('no assistant turn', 'no-assistant'), ('video samples', 'video'), ('has no result in the data', 'unanswered-call'))
+
+def skip_kind(reason:str)->str:
+    "A short name for the reason a sample was skipped: 'missing-image', 'bad-image', 'too-long', a validation code, ..."
+    for text, kind in _KINDS:
+        if text in reason: return kind
+    m = re.match(r'([a-z]+(?:-[a-z]+)+): ', reason)    # the gate's reasons start with `check_sample`'s code
+    return m.group(1) if m else 'other'
+
+def build_report(report:dict, # `BuildReport`-like: built, skipped [(id, reason)], trimmed [(id, note)]
+                 n_samples:int, # samples read
+                 first:int=3, # ids shown per reason
+                )->str:
+    "The report a run prints first: built N, skipped M by reason (count, first ids), trimmed K."
+    from collections import defaultdict
+    by = defaultdict(list)
+    for sid, why in report['skipped']: by[skip_kind(why)].append(sid)
+    lines = [f"data: {n_samples:,} samples: built {report['built']:,}, skipped {len(report['skipped']):,}, trimmed {len(report['trimmed']):,}"]
+    for kind, ids in sorted(by.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"  skipped {len(ids):,} {kind}: " + ', '.join(map(str, ids[:first])) + (', ...' if len(ids) > first else ''))
+    if report['trimmed']: lines.append(f"  trimmed to max_length: " + ', '.join(str(i) for i, _ in report['trimmed'][:first]) + (', ...' if len(report['trimmed']) > first else ''))
+    return '\n'.join(lines)
+
+def check_skips(report:dict, n_samples:int, max_skip_fraction:float=0.01, limit:int=50):
+    "Raise `ValueError` naming each skipped sample and its reason when more than `max_skip_fraction` of `n_samples` were skipped."
+    sk = report['skipped']
+    if n_samples and len(sk) / n_samples <= max_skip_fraction: return
+    names = '\n'.join(f"  {sid}: {why}" for sid, why in sk[:limit]) + (f"\n  ... and {len(sk) - limit} more" if len(sk) > limit else '')
+    raise ValueError(f"{len(sk)} of {n_samples} samples ({len(sk)/max(n_samples, 1):.1%}) cannot be trained, more than max_skip_fraction "
+                     f"{max_skip_fraction:g}:\n{names}\nfix them (`vlm-nb data validate DATA --images ROOT` lists every problem with a fix), "
+                     f"or train on the rest with --max_skip_fraction {min(1.0, math.ceil(len(sk)/max(n_samples, 1)*100)/100):g}")
 
 # %% ../nbs/07_sft.ipynb #5cb885e9
 def pack_rows(seqs:list, # `TrainSequence`s of one batch
@@ -459,33 +614,53 @@ class TrainStatsCallback(TrainerCallback):
         if self.log_file and state.is_world_process_zero:
             with open(self.log_file, 'a') as f: f.write(json.dumps({**logs, 'step': state.global_step}) + '\n')
 
-from transformers.trainer_pt_utils import LengthGroupedSampler
-
-class EpochLengthSampler(LengthGroupedSampler):
-    "Length-grouped order drawn from `seed + epoch`: the same on every rank and again after a resume."
-    def __init__(self, batch_size:int, lengths:list, seed:int=0):
-        super().__init__(batch_size, lengths=lengths); self.seed, self.epoch = seed, 0
+class EpochLengthSampler(torch.utils.data.Sampler):
+    "Batches of similar lengths, the batches in random order: drawn from `seed + epoch` (the same on every rank and after a resume)."
+    def __init__(self, batch_size:int, lengths:list, seed:int=0,
+                 mega:int=50): # batches per mega-batch: samples are drawn at random, sorted by length within a mega-batch
+        self.batch_size, self.lengths, self.seed, self.mega, self.epoch = max(1, int(batch_size)), list(lengths), seed, mega, 0
     def set_epoch(self, epoch:int): self.epoch = int(epoch)
-    def __iter__(self):
-        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return super().__iter__()
+    def __len__(self): return len(self.lengths)
+    def batches(self)->list:
+        "This epoch's batches (lists of indices), in training order."
+        g, L, bs = torch.Generator().manual_seed(self.seed + self.epoch), self.lengths, self.batch_size
+        perm, size = torch.randperm(len(L), generator=g).tolist(), self.mega * bs
+        out = []
+        for i in range(0, len(perm), size):
+            m = sorted(perm[i:i + size], key=lambda k: -L[k])
+            out += [m[j:j + bs] for j in range(0, len(m), bs)]
+        out = [out[k] for k in torch.randperm(len(out), generator=g).tolist()]   # length follows the task kind: keep kinds mixed in time
+        if out:   # the longest batch first, as HF's sampler does: an out-of-memory shows at the first step
+            j = max(range(len(out)), key=lambda k: max(L[i] for i in out[k])); out[0], out[j] = out[j], out[0]
+        return out
+    def __iter__(self): return iter([i for b in self.batches() for i in b])
 
 class VLMTrainer(Trainer):
     "`Trainer` whose loss goes through the family adapter (and counts tokens for `TrainStatsCallback`)."
     def __init__(self, *args, adapter=None, stats:TrainStatsCallback|None=None,
                  group_by_length:bool=False, # batches of similar lengths (the dataset's `lengths`)
+                 loss_impl:str='chunked', # 'chunked' (`vlm_nb.logprobs.causal_lm_loss`) | 'liger' (CUDA) | 'model' (the model's own loss)
+                 loss_chunk_tokens:int|None=None, # positions per chunk of the chunked loss (None: about 256 MB of logits)
                  **kw):
         super().__init__(*args, **kw)
+        if loss_impl not in ('chunked', 'liger', 'model'): raise ValueError(f"loss_impl must be 'chunked', 'liger' or 'model', not {loss_impl!r}")
         self.adapter, self.stats, self.group_by_length = adapter, stats, group_by_length
+        self.loss_impl, self.loss_chunk_tokens = loss_impl, loss_chunk_tokens
         self.model_accepts_loss_kwargs = True   # our loss is a sum over `num_items_in_batch` trained tokens
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         if self.stats is not None and model.training: self.stats.add(inputs)
         inputs.pop('n_tokens', None)
-        kw = {'num_items_in_batch': num_items_in_batch} if num_items_in_batch is not None else {}
-        out = self.adapter.forward(model, **{'use_cache': False, **inputs, **kw})
-        loss = out.loss * self._loss_scale(num_items_in_batch)
-        return (loss, out) if return_outputs else loss
+        if self.loss_impl == 'model' or inputs.get('labels') is None:   # full [B, L, vocab] logits
+            kw = {'num_items_in_batch': num_items_in_batch} if num_items_in_batch is not None else {}
+            out = self.adapter.forward(model, **{'use_cache': False, **inputs, **kw})
+            loss = out.loss * self._loss_scale(num_items_in_batch)
+            return (loss, out) if return_outputs else loss
+        labels = inputs.pop('labels'); inputs.pop('use_cache', None)
+        loss, _ = causal_lm_loss(self.adapter, model, labels=labels, num_items_in_batch=num_items_in_batch,
+                                 chunk_tokens=self.loss_chunk_tokens, impl=self.loss_impl, **inputs)   # logits only where trained
+        loss = loss * self._loss_scale(num_items_in_batch)
+        return (loss, {'loss': loss}) if return_outputs else loss
     def _loss_scale(self, num_items_in_batch)->int:
         "The factor the stock `compute_loss` applies: `num_items_in_batch` counts every rank's tokens, DDP averages gradients."
         if num_items_in_batch is None or not self.args.average_tokens_across_devices: return 1
@@ -573,6 +748,51 @@ def last_checkpoint(output_dir:str|Path)->Path|None:
         except (OSError, ValueError): continue
     return None
 
+# %% ../nbs/07_sft.ipynb #fp000002
+FINGERPRINT = 'vlm_nb_run.json'
+
+def _sha(path)->str|None:
+    "The first 16 hex digits of the SHA-256 of a file's content (None when there is no such file)."
+    p = Path(path) if path else None
+    if p is None or not p.is_file(): return None
+    h = hashlib.sha256()
+    with open(p, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 22), b''): h.update(block)
+    return h.hexdigest()[:16]
+
+def run_fingerprint(cfg:SFTConfig)->dict:
+    "What a run trains on: the data (content hash), the model (path, config hash), the mode, the frozen parts, the LoRA shape."
+    ref = resolve_model(cfg.model)
+    lora = cfg.mode in ('lora', 'qlora')
+    return {'data': {'sha256': _sha(cfg.train_data), 'max_samples': cfg.max_samples},
+            'model': {'path': str(Path(ref.path).resolve()), 'config_sha256': _sha(ref.config_dir/'config.json')},
+            'mode': cfg.mode, 'freeze': None if lora else sorted(cfg.freeze),
+            'lora': {'r': cfg.lora.r, 'targets': cfg.lora.targets, 'modules_to_save': list(cfg.lora.modules_to_save)} if lora else None}
+
+_FP_NAMES = {'data': 'data', 'model': 'model', 'mode': 'mode', 'freeze': 'frozen parts', 'lora': 'LoRA shape'}
+
+def check_resume(ckpt:str|Path, # the checkpoint a rerun would continue from
+                 fp:dict, # this run's `run_fingerprint`
+                 output_dir:str|Path|None=None)->str:
+    "The line saying what is resumed; `ValueError` with the way out when the checkpoint's data, model, mode or LoRA shape differ."
+    ckpt = Path(ckpt); out = Path(output_dir) if output_dir else ckpt.parent
+    step = json.loads((ckpt/'trainer_state.json').read_text()).get('global_step')
+    old = next((json.loads(p.read_text()) for p in (ckpt/FINGERPRINT, out/FINGERPRINT) if p.exists()), None)
+    if old is None: return f"resuming from {ckpt} (step {step}); it records no fingerprint: its data and model are not checked"
+    diffs = [k for k in _FP_NAMES if old.get(k) != fp.get(k)]
+    if diffs:
+        what = '; '.join(f"{_FP_NAMES[k]}: {json.dumps(old.get(k))} then, {json.dumps(fp.get(k))} now" for k in diffs)
+        raise ValueError(f"{out} holds {ckpt.name} (step {step}) of a run with other {', '.join(_FP_NAMES[k] for k in diffs)} ({what}); "
+                         "it is not resumed. Train afresh with --resume false, or give a new --output_dir")
+    return f"resuming from {ckpt} (step {step}, data fingerprint {fp['data']['sha256']})"
+
+class FingerprintCallback(TrainerCallback):
+    "Writes the run's fingerprint into every checkpoint it saves (rank 0)."
+    def __init__(self, fp:dict): self.fp = fp
+    def on_save(self, args, state, control, **kw):
+        d = Path(args.output_dir)/f'checkpoint-{state.global_step}'
+        if state.is_world_process_zero and d.is_dir(): atomic_write_json(d/FINGERPRINT, self.fp)
+
 # %% ../nbs/07_sft.ipynb #85522826
 def _cuda_bf16()->bool: return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
@@ -596,7 +816,7 @@ def training_arguments(cfg:SFTConfig, has_eval:bool=False, **kw)->TrainingArgume
              gradient_checkpointing=cfg.gradient_checkpointing,
              gradient_checkpointing_kwargs={'use_reentrant': False} if cfg.gradient_checkpointing else None,
              deepspeed=str(deepspeed_config(cfg.deepspeed)) if cfg.deepspeed else None, disable_tqdm=not cfg.progress,
-             ddp_find_unused_parameters=cfg.ddp_find_unused_parameters, use_cpu=not torch.cuda.is_available())
+             ddp_find_unused_parameters=cfg.ddp_find_unused_parameters, ddp_timeout=cfg.ddp_timeout, use_cpu=not torch.cuda.is_available())
     a.update(kw)
     if not torch.cuda.is_available(): a['tf32'] = None
     return TrainingArguments(**a)
@@ -734,11 +954,25 @@ def param_shard(model)->list:
         else: local += p.ds_tensor.numel() if getattr(p, 'ds_tensor', None) is not None else 0; total += n
     return [local, total]
 
-def sft_dataset(cfg:SFTConfig, adapter, path, image_root=None, max_samples=None):
-    "The training (or eval) dataset of `path` for `cfg`: planned and lazy (`cfg.lazy`), else built in memory."
+def sft_dataset(cfg:SFTConfig, adapter, path, image_root=None, max_samples=None, args=None):
+    "The training (or eval) dataset of `path` for `cfg`: planned and lazy (`cfg.lazy`), else built in memory; with `args`, every rank prepares its share."
     if not cfg.lazy: return build_sequences(path, adapter, image_root, cfg.max_length, max_samples, progress=cfg.progress)
-    return plan_sequences(path, adapter, image_root, cfg.max_length, max_samples, progress=cfg.progress,
-                          cache_dir=cfg.cache_dir or Path(cfg.output_dir)/'sequence_cache')
+    rank, world = (args.process_index, args.world_size) if args is not None else (0, 1)
+    kw = dict(cache_dir=cfg.cache_dir or Path(cfg.output_dir)/'sequence_cache', workers=cfg.prep_workers, progress=cfg.progress and rank == 0)
+    if world > 1:   # each rank its parts into the shared cache, then rank 0 joins them (the others wait up to ddp_timeout)
+        plan_sequences(path, adapter, image_root, cfg.max_length, max_samples, rank=rank, world=world, merge=False, **kw)
+        args.distributed_state.wait_for_everyone()
+    ctx = args.main_process_first(desc='joining the prepared data') if args is not None else contextlib.nullcontext()
+    with ctx: return plan_sequences(path, adapter, image_root, cfg.max_length, max_samples, **kw)
+
+def data_report(ds)->tuple:
+    "(report dict, samples read) of a planned or built dataset."
+    if hasattr(ds, 'folder'):
+        info = json.loads((ds.folder/'plan.json').read_text()); rep = info['report']
+        return rep, info.get('n_samples', rep['built'] + len(rep['skipped']))
+    r = ds.report
+    rep = {'built': r.built, 'skipped': list(r.skipped), 'trimmed': list(r.trimmed)}
+    return rep, r.built + len(r.skipped)
 
 def train_sft(cfg:SFTConfig, # the run
               train_dataset=None, eval_dataset=None, # pre-built datasets (default: built from cfg.train_data/eval_data)
@@ -749,23 +983,31 @@ def train_sft(cfg:SFTConfig, # the run
     if train_dataset is None and not cfg.train_data: raise ValueError('config: train_data is required')
     set_seed(cfg.seed)
     out = Path(cfg.output_dir); out.mkdir(parents=True, exist_ok=True)
+    fp = run_fingerprint(cfg)
+    ckpt = last_checkpoint(out) if cfg.resume else None
+    if ckpt is not None: resume_note = check_resume(ckpt, fp, out)   # refuses before any work when data, model or LoRA differ
     # the arguments come first: under ZeRO-3 they switch `from_pretrained` to `deepspeed.zero.Init` (each rank loads its shard)
     args = training_arguments(cfg, has_eval=eval_dataset is not None or bool(cfg.eval_data))
     _init_deepspeed_comm(cfg)
     model, ad, family = prepare_model(cfg)
     shard = param_shard(model)
-    with args.main_process_first(desc='planning sequences'):   # rank 0 plans, the others read its cache
-        if train_dataset is None: train_dataset = sft_dataset(cfg, ad, cfg.train_data, cfg.image_root, cfg.max_samples)
-        if eval_dataset is None and cfg.eval_data:
-            eval_dataset = sft_dataset(cfg, ad, cfg.eval_data, cfg.image_root or Path(cfg.train_data).parent)
+    if train_dataset is None:
+        train_dataset = sft_dataset(cfg, ad, cfg.train_data, cfg.image_root, cfg.max_samples, args)
+        rep, n = data_report(train_dataset)
+        if args.process_index == 0: print(build_report(rep, n), file=sys.stderr, flush=True)   # what became of every sample
+        check_skips(rep, n, cfg.max_skip_fraction)
+    if eval_dataset is None and cfg.eval_data:
+        eval_dataset = sft_dataset(cfg, ad, cfg.eval_data, cfg.image_root or Path(cfg.train_data).parent, args=args)
     stats = TrainStatsCallback(out/'train_log.jsonl')
     cbs = [stats] + list(callbacks or [])
     if eval_dataset is not None and cfg.early_stopping_patience > 0: cbs.append(EarlyStoppingCallback(cfg.early_stopping_patience))
+    cbs.append(FingerprintCallback(fp))
     trainer = VLMTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          data_collator=SFTCollator(ad, cfg.packing, max_tokens=cfg.pack_max_tokens or cfg.max_length), callbacks=cbs, adapter=ad, stats=stats,
-                         group_by_length=cfg.group_by_length)
-    ckpt = last_checkpoint(out) if cfg.resume else None
-    if args.process_index == 0: atomic_write_json(out/'sft_config.json', asdict(cfg))
+                         group_by_length=cfg.group_by_length, loss_impl=cfg.loss_impl, loss_chunk_tokens=cfg.loss_chunk_tokens)
+    if args.process_index == 0:
+        atomic_write_json(out/'sft_config.json', asdict(cfg)); atomic_write_json(out/FINGERPRINT, fp)
+        if ckpt is not None: print(resume_note, file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     res = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     secs = time.perf_counter() - t0
@@ -921,7 +1163,8 @@ def _bench_model(family, ckpt, size, tok, opts):
 def bench_train(json:bool=False, # print one JSON object (else a short table)
                 family:str='internvl3_5', steps:int=6, batch_size:int=8, n_images:int=8, seed:int=0,
                 sizes:tuple=('tiny', 'small'), # model sizes: 'tiny' (vocabulary-dominated), 'small' (layers dominate), '1b'
-                quick:bool=False)->dict:
+                quick:bool=False, shared:bool=True, # the real Qwen3 vocabulary from ../shared when present
+               )->dict:
     "Tokens/s of our trainer vs TRL's SFTTrainer configured alike (fp32, no gradient checkpointing, same collator), and the packing gain."
     import json as _json, tempfile
     from transformers import set_seed
@@ -931,7 +1174,7 @@ def bench_train(json:bool=False, # print one JSON object (else a short table)
     from vlm_nb.synthetic import build_tool_dataset, SceneConfig
     if quick: steps, sizes = 2, ('tiny',)
     d = Path(tempfile.mkdtemp(prefix='vlm_nb_bench_'))
-    ckpt = make_tiny(family, d/'model', tokenizer_dir=build_tokenizer_dir(family, d/'tok', shared=False))
+    ckpt = make_tiny(family, d/'model', tokenizer_dir=build_tokenizer_dir(family, d/'tok', shared=shared))
     build_tool_dataset(d/'syn', n_images=n_images, seed=seed, cfg=SceneConfig(320, 240), progress=False)
     opts = {'max_tiles': 1} if family == 'internvl3_5' else {}
     ad = get_adapter(family, load_tokenizer(family, ckpt), **opts)
@@ -967,7 +1210,7 @@ def bench_train(json:bool=False, # print one JSON object (else a short table)
                       'ours_vs_trl': round(res['ours_padded'] / res['trl_padded'], 3),
                       'packing_gain': round(res['ours_packed'] / res['ours_padded'], 3)}
     main = rows[sizes[-1]]
-    out = {'family': family, 'device': 'cuda' if torch.cuda.is_available() else 'cpu', 'steps': steps, 'batch_size': batch_size,
+    out = {'family': family, 'vocab': len(ad.tokenizer), 'device': 'cuda' if torch.cuda.is_available() else 'cpu', 'steps': steps, 'batch_size': batch_size,
            'sequences': len(ds), 'rows': rows, 'size': sizes[-1], 'ours_vs_trl': main['ours_vs_trl'], 'packing_gain': main['packing_gain'],
            'matched': 'fp32 both, no gradient checkpointing, same collator and data'}
     shutil.rmtree(d, ignore_errors=True)
@@ -1021,31 +1264,55 @@ def _peak_rss_run(cfg_path)->dict:
 
 def bench_memory(json:bool=False, # print one JSON object
                  samples:tuple=(1000, 4000), # dataset sizes to train on
-                 steps:int=2, family:str='internvl3_5', seed:int=0, quick:bool=False)->dict:
-    "Peak RSS of `vlm-nb train sft` (default adapter options, lazy data) at two dataset sizes, and its growth per 1k samples."
+                 steps:int=2, family:str='internvl3_5', seed:int=0, quick:bool=False,
+                 batch_size:int=2, # sequences per step
+                 shared:bool=True, # the real Qwen3 vocabulary from ../shared when present (what users train with)
+                 loss_impl:str='chunked')->dict:
+    "Peak RSS of `vlm-nb train sft` (default adapter options, lazy data, real vocabulary) at two dataset sizes, and its growth per 1k samples."
     import json as _json, tempfile
     from vlm_nb.models import make_tiny, build_tokenizer_dir
     if quick: samples = (100, 400)
     d = Path(tempfile.mkdtemp(prefix='vlm_nb_benchmem_'))
     try:
-        ckpt = make_tiny(family, d/'model', tokenizer_dir=build_tokenizer_dir(family, d/'tok', shared=False))
+        ckpt = make_tiny(family, d/'model', tokenizer_dir=build_tokenizer_dir(family, d/'tok', shared=shared))
+        vocab = len(load_tokenizer(family, ckpt))
         rows = []
         for n in samples:
             data = crop_bench_data(d/f'data{n}', n, seed)
             cfg = {'model': str(ckpt), 'train_data': str(data), 'output_dir': str(d/f'run{n}'), 'max_steps': steps,
-                   'save_steps': 10**6, 'logging_steps': 1, 'progress': False, 'seed': seed}
+                   'save_steps': 10**6, 'logging_steps': 1, 'progress': False, 'seed': seed, 'batch_size': batch_size, 'loss_impl': loss_impl}
             (d/f'cfg{n}.json').write_text(_json.dumps(cfg))
             t0 = time.perf_counter(); r = _peak_rss_run(d/f'cfg{n}.json'); r['seconds'] = round(time.perf_counter() - t0, 1)
             rows.append(r)
     finally: shutil.rmtree(d, ignore_errors=True)
     a, b = rows[0]['peak_rss_gb'], rows[-1]['peak_rss_gb']
-    out = {'samples': list(samples), 'peak_rss_gb': [r['peak_rss_gb'] for r in rows],
+    out = {'samples': list(samples), 'vocab': vocab, 'batch_size': batch_size, 'loss_impl': loss_impl, 'peak_rss_gb': [r['peak_rss_gb'] for r in rows],
            'growth_gb_per_1k': round((b - a) / max((samples[-1] - samples[0]) / 1000, 1e-9), 4),
            'n_train': [r['summary']['n_train'] for r in rows], 'seconds': [r['seconds'] for r in rows],
            'goal': 'growth_gb_per_1k <= 0.05 and peak at the larger size <= 4 GB'}
     if json: print(_json.dumps(out))
     return out
 
+
+# %% ../nbs/07_sft.ipynb #bplan002
+def bench_plan(json:bool=False, # print one JSON object
+               n:int=10000, # samples to prepare
+               family:str='internvl3_5', workers:int|None=None, # preparation processes (None: the default)
+               seed:int=0, quick:bool=False, **adapter_opts)->dict:
+    "Wall time per sample of preparing `n` crop conversations for training (`plan_sequences`), on the real vocabulary."
+    import json as _json, tempfile
+    if quick: n = 2000
+    d = Path(tempfile.mkdtemp(prefix='vlm_nb_benchplan_'))
+    try:
+        data = crop_bench_data(d/'data', n, seed)
+        ad = get_adapter(family, load_tokenizer(family), **adapter_opts)
+        w = workers if workers is not None else min(4, os.cpu_count() or 1, max(1, math.ceil(n/1024)//2))
+        t0 = time.perf_counter(); ds = plan_sequences(data, ad, cache_dir=d/'cache', workers=w); dt = time.perf_counter() - t0
+        out = {'samples': n, 'ms_per_sample': round(dt / n * 1000, 3), 'workers': w, 'vocab': len(ad.tokenizer), 'built': len(ds),
+               'family': family, 'tiles': getattr(ad, 'max_tiles', None), 'seconds': round(dt, 2), 'goal': 'ms_per_sample <= 2'}
+    finally: shutil.rmtree(d, ignore_errors=True)
+    if json: print(_json.dumps(out))
+    return out
 
 # %% ../nbs/07_sft.ipynb #28bb7b84
 _PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10': 125e12, 'B200': 2250e12}

@@ -46,9 +46,11 @@ def _tag_problems(text):
 
 def check_sample(s: Sample, # the sample
                  images_root=None, # image root; when given, image files are opened and checked
-                 known_tools=('Crop', 'Identify') # tool names a call may use without a warning
+                 known_tools=('Crop', 'Identify'), # tool names a call may use without a warning
+                 calls=None # text -> its tool calls as `parse_tool_calls` finds them (a caller's cache of the same parse); default `parse_tool_calls`
                 ) -> list:
     "All problems of one sample (never raises)."
+    calls = calls or parse_tool_calls
     P = lambda lvl, code, msg, hint='': Problem(s.name, lvl, code, msg, hint)
     out, qna = [], s.layout.get('implicit_image', False)
     if not s.turns: return [P('error', 'empty-conversation', 'the conversation has no turns', 'drop the sample')]
@@ -83,8 +85,7 @@ def check_sample(s: Sample, # the sample
             if m and not (qna and name == 'legacy call without a box'):
                 out.append(P('error', 'placeholder', f'turn {i}: leftover {name} at char {m.start()}: {m.group()!r}',
                              'regenerate the answer or substitute the real tool call'))
-        calls = parse_tool_calls(t.text)
-        for c in calls:
+        for c in calls(t.text):
             if c.syntax == 'placeholder': continue  # reported by the placeholder check above
             if c.error and 'unknown tool' in c.error.lower():
                 out.append(P('warning', 'unknown-tool', f'turn {i}: {c.error}', f'register the tool or rewrite the call ({", ".join(known_tools)})'))
@@ -117,7 +118,7 @@ def check_sample(s: Sample, # the sample
                     continue
                 if im == (s.images[0] if s.images else None):
                     for t in s.assistant_turns:
-                        for c in parse_tool_calls(t.text):
+                        for c in calls(t.text):
                             if c.bbox and not c.error and (c.bbox[2] > size[0] + 1 or c.bbox[3] > size[1] + 1):
                                 out.append(P('warning', 'box-outside-image', f'{c.name} box {c.bbox} exceeds the image size {size}', 'check the coordinate convention (pixels of the original image)'))
     return out
