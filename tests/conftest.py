@@ -10,6 +10,7 @@ ARTIFACTS = ROOT/'tests'/'_artifacts'
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: takes more than a minute')
     config.addinivalue_line('markers', 'cuda: needs a GPU')
+    config.addinivalue_line('markers', 'vllm: needs the vLLM environment (scripts/vllm_cpu_env.sh); starts vLLM servers')
 
 @pytest.fixture(scope='session')
 def root(): return ROOT

@@ -28,6 +28,7 @@ COMMANDS = {
     ('eval', 'rec'):      ('vlm_nb.eval:eval_rec_main', 'referring-expression comprehension Acc@IoU>=0.5 with a Wilson 95% interval'),
     ('eval', 'tools'):    ('vlm_nb.eval:eval_tools_main', 'tool-use metrics on a tool-calling dataset: call rate/validity, crop IoU, accuracy, identity, self-written responses'),
     ('tiny',):            ('vlm_nb.models:tiny_main', 'write a tiny random checkpoint of a model family (config, weights, tokenizer, processor)'),
+    ('serve',):           ('vlm_nb.vllm_backend:serve_main', 'serve a trained model with vLLM (OpenAI-compatible API with its chat template and processor; ask it with `vlm-nb infer --server`)'),
     ('bench',):           ('vlm_nb.bench:bench_main', 'run a benchmark and print its ratios (collator, toolloop, rollouts, train, refcoco)'),
     ('webui',):           ('vlm_nb.webui:webui_main', 'gradio web UI: ask with image + tools, watch tool calls and crops stream, replay trajectories'),
     ('demo',):            ('vlm_nb.demo:demo_main', 'the main job: synthetic scenes -> tool datasets -> SFT of a tiny model -> inference -> eval before/after -> report'),

@@ -14,13 +14,13 @@ from fastcore.basics import patch
 from .data import respect_umask
 
 # %% auto #0
-__all__ = ['FAMILIES', 'HUB_IDS', 'TOOL_LAYOUTS', 'DEFAULT_TOOL_LAYOUT', 'TOOL_TURN_OPEN', 'TOOL_TURN_CLOSE', 'IMAGENET_MEAN',
-           'IMAGENET_STD', 'CHECKPOINT_META', 'check_family', 'find_shared', 'family_tokens', 'chat_template',
-           'build_tokenizer_dir', 'load_tokenizer', 'ImageBlock', 'DecodeState', 'check_tool_layout', 'FamilyAdapter',
-           'content_text', 'content_items', 'budget_shares', 'internvl_grid', 'internvl_tiles', 'InternVLAdapter',
-           'QwenVLAdapter', 'Qwen3VLAdapter', 'mrope_positions', 'ModelRef', 'resolve_model', 'get_adapter',
-           'family_of', 'checkpoint_meta', 'record_tool_layout', 'tool_layout_of', 'load_model', 'tiny_config',
-           'make_tiny', 'tiny_main', 'OvisAdapter']
+__all__ = ['FAMILIES', 'HUB_IDS', 'INTERNVL_PROCESSOR_TOKENS', 'TOOL_LAYOUTS', 'DEFAULT_TOOL_LAYOUT', 'TOOL_TURN_OPEN',
+           'TOOL_TURN_CLOSE', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CHECKPOINT_META', 'TINY_SIZES', 'check_family',
+           'find_shared', 'family_tokens', 'chat_template', 'build_tokenizer_dir', 'load_tokenizer', 'ImageBlock',
+           'DecodeState', 'check_tool_layout', 'FamilyAdapter', 'content_text', 'content_items', 'budget_shares',
+           'internvl_grid', 'internvl_tiles', 'InternVLAdapter', 'QwenVLAdapter', 'Qwen3VLAdapter', 'mrope_positions',
+           'ModelRef', 'resolve_model', 'get_adapter', 'family_of', 'checkpoint_meta', 'record_tool_layout',
+           'tool_layout_of', 'load_model', 'tiny_config', 'make_tiny', 'tiny_main', 'OvisAdapter']
 
 # %% ../nbs/04_models.ipynb #3fc376dc
 FAMILIES = ('internvl3_5', 'ovis2_5', 'qwen2_5_vl', 'qwen3_vl')
@@ -63,24 +63,30 @@ def family_tokens(family:str # one of `FAMILIES`
 _TOKEN_FILES = {'internvl3_5': 'internvl3_5', 'ovis2_5': 'ovis2_5', 'qwen2_5_vl': 'ovis2_5', 'qwen3_vl': 'ovis2_5'}
 
 # %% ../nbs/04_models.ipynb #78edfbd0
-# Ovis2.5: the official template (list items joined by '\n', thinking before `</think>` stripped from assistant turns
-# unless `keep_thinking=True`), except that string content keeps its `<image>` markers for `encode_with_images`.
+# Ovis2.5: the official template (list items joined by '\n', `<image>` typed in text removed, thinking before `</think>`
+# dropped from assistant turns), plus `keep_thinking=True` (keeps that thinking) and `image_url` items as images, and
+# one fix: assistant content given as a list of text items renders its text. The official template collects it in a
+# loop-scoped Jinja variable and writes nothing; vLLM passes every message's content as such a list, so a served model
+# would see its earlier turns empty.
 _OVIS_TEMPLATE = (
-    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' }}"
-    "{%- if message.role == 'assistant' %}"
-    "{%- if message.content is string %}{%- set content = message.content %}{%- else %}{%- set ns = namespace(c='') %}"
-    "{%- for item in message.content %}{%- if item.type == 'text' %}{%- set ns.c = ns.c ~ item.text %}{%- endif %}{%- endfor %}"
-    "{%- set content = ns.c %}{%- endif %}"
-    "{%- if not (keep_thinking is defined and keep_thinking) %}{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
-    "{{- content }}"
-    "{%- elif message.content is string %}{{- message.content }}"
-    "{%- else %}{%- for item in message.content %}{%- if item.type == 'image' or item.type == 'image_url' %}{{- '<image>' }}"
-    "{%- elif item.type == 'text' %}{{- item.text }}{%- endif %}{%- if not loop.last %}{{- '\\n' }}{%- endif %}{%- endfor %}{%- endif %}"
-    "{{- '<|im_end|>\\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\n'}}{%- if message.role == 'system' or message.role == 'user' %}"
+    "{%- if message.content is string %}{{- message.content | replace('<image>', '') | replace('<video>', '') }}"
+    "{%- else %}{%- for item in message.content %}{%- if item.type == 'text' and 'text' in item %}{{- item.text | replace('<image>', '') | replace('<video>', '') }}"
+    "{%- elif item.type == 'image' or item.type == 'image_url' %}{{- '<image>'}}{%- elif item.type == 'video' %}{{- '<video>'}}"
+    "{%- else %}{{- raise_exception('Invalid content type. Supported types for system and user are text, image, video.')}}"
+    "{%- endif %}{%- if not loop.last %}{{- '\n'}}{%- endif %}{%- endfor %}{%- endif %}{%- elif message.role == 'assistant' %}"
+    "{%- set content = '' %}{%- if message.content is string %}{%- set content = message.content | replace('<image>', '') | replace('<video>', '') %}"
+    "{%- else %}{%- set ns = namespace(c='') %}{%- for item in message.content %}{%- if item.type == 'text' and 'text' in item %}"
+    "{%- set ns.c = ns.c ~ (item.text | replace('<image>', '') | replace('<video>', '')) %}"
+    "{%- else %}{{- raise_exception('Invalid content type. Supported type for assistant is text.')}}"
+    '{%- endif %}{%- endfor %}{%- set content = ns.c %}{%- endif %}{%- if not (keep_thinking is defined and keep_thinking) %}'
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}{%- endif %}{{- content }}{%- else %}{{- raise_exception('Invalid role. Supported roles are system, user, assistant.')}}"
+    "{%- endif %}{{- '<|im_end|>\n'}}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}"
+    '{%- endif %}{%- endif %}')
 
-_IMAGE_TEXT = {'internvl3_5': '<image>\n', 'ovis2_5': '<image>\n',
+# an image item as the family's processor finds it (InternVL: transformers'/vLLM's processor expands `<IMG_CONTEXT>`)
+_IMAGE_TEXT = {'internvl3_5': '<IMG_CONTEXT>\n', 'ovis2_5': '<image>\n',
                'qwen2_5_vl': '<|vision_start|><|image_pad|><|vision_end|>', 'qwen3_vl': '<|vision_start|><|image_pad|><|vision_end|>'}
 
 def chat_template(family:str # one of `FAMILIES`
@@ -127,6 +133,11 @@ def _fallback_tokenizer_json(family):
     tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     return tk
 
+# what transformers' `InternVLProcessor` (and vLLM's, which wraps it) asks the tokenizer for; as its conversion script
+# writes them, except that a video is `<|video_pad|>` (already in the vocabulary) rather than a new `<video>` token
+INTERNVL_PROCESSOR_TOKENS = {'start_image_token': '<img>', 'end_image_token': '</img>', 'context_image_token': '<IMG_CONTEXT>',
+                             'video_token': '<|video_pad|>'}
+
 def build_tokenizer_dir(family:str, # one of `FAMILIES`
                         out_dir:str|Path, # folder to write (created)
                         shared:Path|None|bool=True, # True: use `find_shared()`; False/None: force the self-built fallback
@@ -150,6 +161,7 @@ def build_tokenizer_dir(family:str, # one of `FAMILIES`
                    clean_up_tokenization_spaces=False, split_special_tokens=False, errors='replace',
                    additional_special_tokens=[t for t in special if t not in ('<|endoftext|>',)])
     cfg['padding_side'] = 'right'
+    if family == 'internvl3_5': cfg['extra_special_tokens'] = dict(INTERNVL_PROCESSOR_TOKENS)
     (out/'tokenizer_config.json').write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
     (out/'chat_template.jinja').write_text(chat_template(family))
     return out
@@ -569,10 +581,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
                          video_max_pixels=video_max_pixels, **opts)
 
 # %% ../nbs/04_models.ipynb #6ba14b90
-def mrope_positions(input_ids, # [B, L] ids
-                    image_token_id:int, image_grid_thw, # [n_images, 3] (t, h, w) patch grids, in order
-                    attention_mask=None, start:int=0, merge_size:int=2):
-    "Qwen-VL 3-D rotary positions [3, B, L]: text 1-D on all axes, image tokens (start+t, start+row, start+col)."
+def _mrope_loop(input_ids, image_token_id:int, image_grid_thw, attention_mask=None, start:int=0, merge_size:int=2):
+    "The token-by-token reference of `mrope_positions` (kept to check the vectorised version against)."
     B, L = input_ids.shape
     pos = torch.zeros(3, B, L, dtype=torch.long, device=input_ids.device)
     grids = [] if image_grid_thw is None else [tuple(int(x) for x in g) for g in image_grid_thw]
@@ -581,7 +591,7 @@ def mrope_positions(input_ids, # [B, L] ids
         keep = torch.ones(L, dtype=torch.bool) if attention_mask is None else attention_mask[b].bool().cpu()
         toks, cur, i, out = input_ids[b].cpu()[keep].tolist(), start, 0, []
         while i < len(toks):
-            if toks[i] == image_token_id and gi < len(grids):          # (a stray placeholder with no image behind it counts as text)
+            if toks[i] == image_token_id and gi < len(grids):
                 t, h, w = grids[gi]; gi += 1; h, w = h//merge_size, w//merge_size
                 tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing='ij')
                 out.append(torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + cur)
@@ -589,6 +599,33 @@ def mrope_positions(input_ids, # [B, L] ids
             else:
                 out.append(torch.full((3, 1), cur)); cur += 1; i += 1
         if out: pos[:, b, keep.to(pos.device)] = torch.cat(out, 1).to(pos.device)
+    return pos
+
+def mrope_positions(input_ids, # [B, L] ids
+                    image_token_id:int, image_grid_thw, # [n_images, 3] (t, h, w) patch grids, in order
+                    attention_mask=None, start:int=0, merge_size:int=2):
+    "Qwen-VL 3-D rotary positions [3, B, L]: text 1-D on all axes, image tokens (start+t, start+row, start+col)."
+    B, L = input_ids.shape
+    pos = torch.zeros(3, B, L, dtype=torch.long, device=input_ids.device)
+    grids = [] if image_grid_thw is None else [tuple(int(x) for x in g) for g in image_grid_thw]
+    gi = 0
+    for b in range(B):   # one step per image, not per token: text runs are aranges, image blocks meshgrids
+        keep = np.ones(L, dtype=bool) if attention_mask is None else attention_mask[b].bool().cpu().numpy()
+        toks = input_ids[b].cpu().numpy()[keep]
+        n, img_at = len(toks), np.flatnonzero(toks == image_token_id)
+        out, cur, i = np.empty((3, n), dtype=np.int64), start, 0
+        while i < n:
+            k = np.searchsorted(img_at, i)
+            j = int(img_at[k]) if k < len(img_at) and gi < len(grids) else n   # next image token (a stray one past the grids is text)
+            out[:, i:j] = np.arange(cur, cur + j - i); cur += j - i; i = j
+            if i >= n: break
+            t, h, w = grids[gi]; gi += 1; h, w = h//merge_size, w//merge_size
+            m = t*h*w
+            if i + m > n: raise ValueError(f"an image block of {m} tokens runs past the end of the sequence ({n - i} left)")
+            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing='ij')
+            out[:, i:i + m] = np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + cur
+            cur += max(t, h, w); i += m
+        if n: pos[:, b].index_copy_(1, torch.from_numpy(np.flatnonzero(keep)).to(pos.device), torch.from_numpy(out).to(pos.device))
     return pos
 
 @patch
@@ -738,33 +775,46 @@ def load_model_class(self:FamilyAdapter):
             'qwen3_vl': T.Qwen3VLForConditionalGeneration}[self.family]
 
 # %% ../nbs/04_models.ipynb #d79c355c
-def _tiny_text(tok, **kw):
-    return dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, head_dim=16, max_position_embeddings=8192, tie_word_embeddings=True,
+# 'tiny': the fastest model that runs every code path; 'vllm': the smallest vLLM's CPU attention serves (head_dim >= 32)
+# ('vllm' unties the output layer: a random tied model repeats one token, an untied one writes varied text to compare)
+TINY_SIZES = {'tiny': dict(hidden=32, head_dim=16, vision_hidden=32, mrope_section=[4, 2, 2], tie=True),
+              'vllm': dict(hidden=128, head_dim=64, vision_hidden=128, mrope_section=[16, 8, 8], tie=False)}
+
+def _tiny_size(size):
+    if size not in TINY_SIZES: raise ValueError(f"unknown tiny size {size!r}; expected one of {', '.join(TINY_SIZES)}")
+    return TINY_SIZES[size]
+
+def _tiny_text(tok, size='tiny', **kw):
+    s = _tiny_size(size)
+    return dict(vocab_size=len(tok), hidden_size=s['hidden'], intermediate_size=2*s['hidden'], num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=s['head_dim'], max_position_embeddings=8192, tie_word_embeddings=s['tie'],
                 bos_token_id=tok.convert_tokens_to_ids('<|endoftext|>'), eos_token_id=tok.convert_tokens_to_ids('<|im_end|>'),
                 pad_token_id=tok.convert_tokens_to_ids('<|endoftext|>'), **kw)
 
-def tiny_config(family:str, tokenizer):
+def tiny_config(family:str, tokenizer,
+                size:str='tiny', # a key of `TINY_SIZES`: 'tiny' (default) or 'vllm' (head_dim 64, what vLLM's CPU attention accepts)
+               ):
     "The transformers config of the tiny `family` model for `tokenizer`'s vocabulary."
     import transformers as T
-    tid = tokenizer.convert_tokens_to_ids
+    tid, s = tokenizer.convert_tokens_to_ids, _tiny_size(size)
+    vh = s['vision_hidden']
     if family == 'internvl3_5':
         return T.InternVLConfig(
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=448,
+            vision_config=dict(hidden_size=vh, intermediate_size=2*vh, num_hidden_layers=1, num_attention_heads=2, image_size=448,
                                patch_size=14, use_mean_pooling=False, layer_scale_init_value=0.1),
-            text_config=dict(model_type='qwen3', rope_theta=1e6, **_tiny_text(tokenizer)), image_token_id=tid('<IMG_CONTEXT>'),
-            image_seq_length=256, downsample_ratio=0.5, tie_word_embeddings=True)
-    rp = dict(rope_type='default', rope_theta=1e6, mrope_section=[4, 2, 2])
+            text_config=dict(model_type='qwen3', rope_theta=1e6, **_tiny_text(tokenizer, size)), image_token_id=tid('<IMG_CONTEXT>'),
+            image_seq_length=256, downsample_ratio=0.5, tie_word_embeddings=s['tie'])
+    rp = dict(rope_type='default', rope_theta=1e6, mrope_section=list(s['mrope_section']))
     ids = dict(image_token_id=tid('<|image_pad|>'), video_token_id=tid('<|video_pad|>'),
-               vision_start_token_id=tid('<|vision_start|>'), vision_end_token_id=tid('<|vision_end|>'), tie_word_embeddings=True)
+               vision_start_token_id=tid('<|vision_start|>'), vision_end_token_id=tid('<|vision_end|>'), tie_word_embeddings=s['tie'])
     if family == 'qwen2_5_vl':
-        return T.Qwen2_5_VLConfig(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+        return T.Qwen2_5_VLConfig(vision_config=dict(depth=2, hidden_size=vh, intermediate_size=2*vh, num_heads=2, out_hidden_size=s['hidden'],
                                   fullatt_block_indexes=[1], window_size=112, patch_size=14),
-                                  text_config=_tiny_text(tokenizer, rope_parameters=rp), **ids)
+                                  text_config=_tiny_text(tokenizer, size, rope_parameters=rp), **ids)
     if family == 'qwen3_vl':
-        return T.Qwen3VLConfig(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+        return T.Qwen3VLConfig(vision_config=dict(depth=2, hidden_size=vh, intermediate_size=2*vh, num_heads=2, out_hidden_size=s['hidden'],
                                deepstack_visual_indexes=[0], patch_size=16, num_position_embeddings=256),
-                               text_config=_tiny_text(tokenizer, rope_parameters={**rp, 'mrope_interleaved': True}), **ids)
+                               text_config=_tiny_text(tokenizer, size, rope_parameters={**rp, 'mrope_interleaved': True}), **ids)
     raise ValueError(family)
 
 def _processor_files(family, out, tok):
@@ -789,9 +839,11 @@ def _processor_files(family, out, tok):
 def make_tiny(family:str, # one of `FAMILIES`
               out_dir:str|Path, # checkpoint folder to write
               tokenizer_dir:str|Path|None=None, # tokenizer folder to use (default: `build_tokenizer_dir`)
-              seed:int=0)->Path:
+              seed:int=0,
+              size:str='tiny', # a key of `TINY_SIZES`: 'vllm' writes the smallest model vLLM's CPU build serves
+             )->Path:
     "Write a tiny random checkpoint of `family` that `load_model` and transformers' Auto classes load."
-    check_family(family)
+    check_family(family); _tiny_size(size)
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     if tokenizer_dir is None: build_tokenizer_dir(family, out)
     else:
@@ -800,9 +852,9 @@ def make_tiny(family:str, # one of `FAMILIES`
         if not (out/'chat_template.jinja').exists(): (out/'chat_template.jinja').write_text(chat_template(family))
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(out))
-    if family == 'ovis2_5': return respect_umask(_make_tiny_ovis(out, tok, seed))   # safetensors writes 0600
+    if family == 'ovis2_5': return respect_umask(_make_tiny_ovis(out, tok, seed, size))   # safetensors writes 0600
     torch.manual_seed(seed)
-    model = get_adapter(family, tok).load_model_class()(tiny_config(family, tok))
+    model = get_adapter(family, tok).load_model_class()(tiny_config(family, tok, size))
     model.generation_config.eos_token_id = get_adapter(family, tok).eos_ids
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(str(out))
@@ -818,11 +870,13 @@ def tiny_main(argv:list|None=None)->int:
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--tokenizer', default=None, help='tokenizer folder (default: real Qwen3 tokenizer from ../shared, else a tiny BPE)')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--size', default='tiny', choices=list(TINY_SIZES),
+                   help="'tiny' (default: fastest) or 'vllm' (hidden 128, head_dim 64: the smallest vLLM's CPU build serves)")
     p.add_argument('--json', action='store_true', help='print a JSON summary')
     try: a = p.parse_args(argv)
     except SystemExit as e: return int(e.code or 0)
     try:
-        out = make_tiny(a.family, a.out, a.tokenizer, a.seed)
+        out = make_tiny(a.family, a.out, a.tokenizer, a.seed, a.size)
         n = json.loads((out/'config.json').read_text())
     except Exception as e:
         print(f"error: {e}", file=sys.stderr); return 1
@@ -854,11 +908,12 @@ class OvisAdapter(FamilyAdapter):
                 'grid_thws': torch.cat([b.pixel['grid_thws'] for b in blocks])}
 
 # %% ../nbs/04_models.ipynb #0b266cb6
-def _make_tiny_ovis(out, tok, seed):
+def _make_tiny_ovis(out, tok, seed, size='tiny'):
     from vlm_nb.ovis import tiny_ovis_config, Ovis2_5ForCausalLM
     torch.manual_seed(seed)
-    cfg = tiny_ovis_config(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                           vit_hidden_size=32, vit_layers=1, vit_heads=2,
+    s = _tiny_size(size)
+    cfg = tiny_ovis_config(vocab_size=len(tok), hidden_size=s['hidden'], num_layers=2, num_heads=2, num_kv_heads=1,
+                           vit_hidden_size=s['vision_hidden'], vit_layers=1, vit_heads=2,
                            bos_token_id=tok.convert_tokens_to_ids('<|endoftext|>'), eos_token_id=tok.convert_tokens_to_ids('<|im_end|>'),
                            pad_token_id=tok.pad_token_id)
     model = Ovis2_5ForCausalLM(cfg)
@@ -870,3 +925,38 @@ def _make_tiny_ovis(out, tok, seed):
               image_mean=[0.5]*3, image_std=[0.5]*3)
     (out/'preprocessor_config.json').write_text(json.dumps(pp, indent=2))
     return out
+
+# %% ../nbs/04_models.ipynb #bfs00002
+@patch
+def block_from_size(self:FamilyAdapter, size:tuple, # (w, h) of the image
+                    role:str='image', n_images:int=1)->ImageBlock:
+    "The `image_block` of an image of `size` without its pixels (token ids, grids); generic: a blank image of that size."
+    b = self.image_block(Image.new('RGB', tuple(size)), role, n_images=n_images)
+    return ImageBlock(b.token_ids, {k: v for k, v in b.pixel.items() if 'grid' in k}, b.size, b.resized, role)
+
+@patch
+def block_from_size(self:InternVLAdapter, size:tuple, role:str='image', n_images:int=1)->ImageBlock:
+    "InternVL: 256 tokens per tile of the official grid, plus the thumbnail tile when there are several."
+    cols, rows = internvl_grid(size, 1, self.image_budget(role, n_images), self.image_size)
+    n = cols*rows + (1 if self.use_thumbnail and cols*rows > 1 else 0)
+    ids = [self.tid('<img>')] + [self.image_token_id]*(self.image_seq_length*n) + [self.tid('</img>')]
+    return ImageBlock(ids, {}, tuple(size), (cols*self.image_size, rows*self.image_size), role)
+
+@patch
+def block_from_size(self:QwenVLAdapter, size:tuple, role:str='image', n_images:int=1)->ImageBlock:
+    "Qwen-VL: the processor's `smart_resize` to multiples of 2 patches within the pixel budget; a token per 2×2 patches."
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    w, h = size
+    rh, rw = smart_resize(h, w, self.patch_size*2, self.min_pixels, self.image_budget(role, n_images))
+    gh, gw = rh // self.patch_size, rw // self.patch_size
+    ids = [self.tid('<|vision_start|>')] + [self.image_token_id]*(gh*gw//4) + [self.tid('<|vision_end|>')]
+    return ImageBlock(ids, {'image_grid_thw': torch.tensor([[1, gh, gw]])}, tuple(size), (rw, rh), role)
+
+@patch
+def block_from_size(self:OvisAdapter, size:tuple, role:str='image', n_images:int=1)->ImageBlock:
+    "Ovis2.5: its `smart_resize` to multiples of 32 pixels within the budget; a visual atom per 2×2 patches."
+    from vlm_nb.ovis import smart_resize, visual_token_ids
+    w, h = size
+    rh, rw = smart_resize(h, w, 32, self.min_pixels, self.image_budget(role, n_images))
+    g = torch.tensor([[1, rh // 16, rw // 16]])
+    return ImageBlock(list(visual_token_ids(g[0])), {'grid_thws': g}, tuple(size), (rw, rh), role)

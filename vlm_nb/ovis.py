@@ -5,6 +5,7 @@
 # %% ../nbs/03_ovis.ipynb #d79c790d
 from __future__ import annotations
 import math, re
+from pathlib import Path
 from typing import Any
 import numpy as np
 import PIL.Image
@@ -19,11 +20,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['IMAGE_PLACEHOLDER', 'IMAGE_PLACEHOLDER_ID', 'VIDEO_PLACEHOLDER_ID', 'VISUAL_ATOM_ID', 'INDICATOR_IDS', 'Ovis2_5',
-           'visual_token_ids', 'expand_visual_placeholders', 'smart_resize', 'preprocess_image', 'image_block',
-           'Siglip2NavitConfig', 'Ovis2_5Config', 'tiny_ovis_config', 'vision_positions', 'vision_rotary',
-           'Siglip2NavitEmbeddings', 'Siglip2NavitAttention', 'Siglip2NavitMLP', 'Siglip2NavitLayer',
-           'Siglip2NavitEncoder', 'Siglip2NavitTransformer', 'Siglip2NavitModel', 'VisualEmbedding', 'VisualTokenizer',
+__all__ = ['IMAGE_PLACEHOLDER', 'IMAGE_PLACEHOLDER_ID', 'VIDEO_PLACEHOLDER_ID', 'VISUAL_ATOM_ID', 'INDICATOR_IDS',
+           'OVIS_CONFIG_MODULE', 'Ovis2_5', 'visual_token_ids', 'expand_visual_placeholders', 'smart_resize',
+           'resize_bilinear', 'preprocess_image', 'image_block', 'Siglip2NavitConfig', 'Ovis2_5Config',
+           'tiny_ovis_config', 'write_config_module', 'vision_positions', 'vision_rotary', 'Siglip2NavitEmbeddings',
+           'Siglip2NavitAttention', 'Siglip2NavitMLP', 'Siglip2NavitLayer', 'Siglip2NavitEncoder',
+           'Siglip2NavitTransformer', 'Siglip2NavitModel', 'VisualEmbedding', 'VisualTokenizer',
            'Ovis2_5PreTrainedModel', 'Ovis2_5ForCausalLM', 'expected_shapes', 'generalise_name',
            'tokenize_with_placeholders', 'preprocess_inputs']
 
@@ -83,6 +85,11 @@ def smart_resize(height:int, width:int, # original image size in pixels
     return h_bar, w_bar
 
 # %% ../nbs/03_ovis.ipynb #9174e09b
+def resize_bilinear(image:PIL.Image.Image, height:int, width:int)->torch.Tensor:
+    "`image` resized to `[3, height, width]` uint8 as transformers' default (torchvision) image processors resize: antialiased bilinear on uint8."
+    t = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)[None]
+    return F.interpolate(t, size=(height, width), mode='bilinear', antialias=True, align_corners=False)[0]
+
 def preprocess_image(image:PIL.Image.Image,  # any PIL image (converted to RGB)
                      min_pixels:int=448*448, max_pixels:int=1792*1792,
                      patch_size:int=16, hidden_stride:int=2, temporal_patch_size:int=1,
@@ -90,8 +97,8 @@ def preprocess_image(image:PIL.Image.Image,  # any PIL image (converted to RGB)
     "Image → `(pixel_values [h·w, 3·T·P·P], grid_thws [1, 3])` in Ovis2.5's packed patch layout."
     image = image.convert('RGB') if image.mode != 'RGB' else image
     rh, rw = smart_resize(image.height, image.width, patch_size * hidden_stride, min_pixels, max_pixels)
-    arr = np.asarray(image.resize((rw, rh), PIL.Image.BILINEAR), dtype=np.float32) / 255.0
-    arr = ((arr - 0.5) / 0.5).transpose(2, 0, 1)[None]                     # [frames, C, H, W]
+    arr = resize_bilinear(image, rh, rw).float().div_(255.0)
+    arr = ((arr - 0.5) / 0.5).numpy()[None]                                 # [frames, C, H, W]
     if arr.shape[0] % temporal_patch_size:
         arr = np.concatenate([arr] + [arr[-1:]] * (temporal_patch_size - arr.shape[0] % temporal_patch_size))
     c, gt, gh, gw, s, p = arr.shape[1], arr.shape[0] // temporal_patch_size, rh // patch_size, rw // patch_size, hidden_stride, patch_size
@@ -137,6 +144,8 @@ class Ovis2_5Config(PreTrainedConfig):
         if self.hidden_size != self.llm_config.hidden_size: raise ValueError('hidden_size must equal llm_config.hidden_size')
         for k in ('vocab_size', 'num_attention_heads', 'max_position_embeddings'): kwargs.setdefault(k, getattr(self.llm_config, k))
         super().__init__(**kwargs)
+    @property
+    def text_config(self): return self.llm_config   # the name vLLM and newer transformers code look for
     def get_text_config(self, *args, **kwargs): return self.llm_config
 
 def tiny_ovis_config(vocab_size:int=1000,      # LLM vocabulary (plain integer ids are fine in tests)
@@ -152,6 +161,65 @@ def tiny_ovis_config(vocab_size:int=1000,      # LLM vocabulary (plain integer i
     vit = Siglip2NavitConfig(hidden_size=vit_hidden_size, intermediate_size=vit_hidden_size * 2,
                              num_hidden_layers=vit_layers, num_attention_heads=vit_heads, image_size=64)
     return Ovis2_5Config(llm_config=llm, vit_config=vit, visual_vocab_size=visual_vocab_size)
+
+# %% ../nbs/03_ovis.ipynb #a1f0c9e2
+OVIS_CONFIG_MODULE = 'configuration_ovis2_5'   # the module a saved checkpoint's `auto_map` names (as the official release)
+
+_CONFIG_MODULE_SOURCE = '''"""Ovis2.5 configuration, written by vlm_nb beside config.json so that transformers (`trust_remote_code=True`) and vLLM
+load this checkpoint without vlm_nb. vlm_nb itself uses its own registered classes (`vlm_nb.ovis`)."""
+from transformers import AutoConfig, Qwen3Config
+try: from transformers import PreTrainedConfig
+except ImportError: from transformers import PretrainedConfig as PreTrainedConfig
+
+class Siglip2NavitConfig(PreTrainedConfig):
+    model_type = 'siglip2_navit'
+    def __init__(self, hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                 num_channels=3, image_size=512, patch_size=16, hidden_act='gelu_pytorch_tanh', layer_norm_eps=1e-6,
+                 attention_dropout=0.0, num_patches=-1, preserve_original_pe=True, hidden_stride=2,
+                 temporal_patch_size=1, use_rope=True, window_size=112, fullatt_block_indexes=None, **kwargs):
+        self.hidden_size, self.intermediate_size, self.num_hidden_layers = hidden_size, intermediate_size, num_hidden_layers
+        self.num_attention_heads, self.num_channels, self.image_size = num_attention_heads, num_channels, image_size
+        self.patch_size, self.hidden_act, self.layer_norm_eps = patch_size, hidden_act, layer_norm_eps
+        self.attention_dropout, self.num_patches, self.preserve_original_pe = attention_dropout, num_patches, preserve_original_pe
+        self.hidden_stride, self.temporal_patch_size, self.use_rope = hidden_stride, temporal_patch_size, use_rope
+        self.window_size, self.fullatt_block_indexes = window_size, fullatt_block_indexes
+        super().__init__(**kwargs)
+
+class Ovis2_5Config(PreTrainedConfig):
+    model_type = 'ovis2_5'
+    sub_configs = {'llm_config': AutoConfig, 'vit_config': Siglip2NavitConfig}
+    def __init__(self, llm_config=None, vit_config=None, visual_vocab_size=65536, hidden_size=None, **kwargs):
+        if isinstance(llm_config, dict): llm_config = Qwen3Config(**{k: v for k, v in llm_config.items() if k != 'model_type'})
+        if isinstance(vit_config, dict): vit_config = Siglip2NavitConfig(**{k: v for k, v in vit_config.items() if k != 'model_type'})
+        self.llm_config = llm_config if llm_config is not None else Qwen3Config()
+        self.vit_config = vit_config if vit_config is not None else Siglip2NavitConfig()
+        self.visual_vocab_size = visual_vocab_size
+        self.hidden_size = hidden_size or self.llm_config.hidden_size
+        for k in ('vocab_size', 'num_attention_heads', 'max_position_embeddings'): kwargs.setdefault(k, getattr(self.llm_config, k))
+        super().__init__(**kwargs)
+    @property
+    def text_config(self): return self.llm_config
+    def get_text_config(self, *args, **kwargs): return self.llm_config
+
+Ovis2_5_Config = Ovis2_5Config   # the official class name
+'''
+
+def write_config_module(folder # a checkpoint folder
+                       )->Path:
+    "Write the standalone configuration module that a saved checkpoint's `auto_map` names; returns its path."
+    p = Path(folder)/f'{OVIS_CONFIG_MODULE}.py'
+    p.write_text(_CONFIG_MODULE_SOURCE)
+    return p
+
+@patch
+def save_pretrained(self:Ovis2_5Config, save_directory, push_to_hub:bool=False, **kwargs):
+    "Save as the official checkpoints are laid out: `architectures: ['Ovis2_5']` and an `auto_map` naming a configuration module written beside `config.json`."
+    self.architectures = ['Ovis2_5' if a == 'Ovis2_5ForCausalLM' else a for a in (self.architectures or ['Ovis2_5'])]
+    self.auto_map = {'AutoConfig': f'{OVIS_CONFIG_MODULE}.Ovis2_5Config'}
+    try: PreTrainedConfig.save_pretrained(self, save_directory, push_to_hub=push_to_hub, **kwargs)
+    finally: del self.auto_map
+    write_config_module(save_directory)
+
 
 # %% ../nbs/03_ovis.ipynb #3127b1c7
 def vision_positions(grid_thws:torch.Tensor, # [n_images, 3] (t, h, w) in patches
