@@ -1280,7 +1280,8 @@ def bench_memory(json:bool=False, # print one JSON object
         for n in samples:
             data = crop_bench_data(d/f'data{n}', n, seed)
             cfg = {'model': str(ckpt), 'train_data': str(data), 'output_dir': str(d/f'run{n}'), 'max_steps': steps,
-                   'save_steps': 10**6, 'logging_steps': 1, 'progress': False, 'seed': seed, 'batch_size': batch_size, 'loss_impl': loss_impl}
+                   'save_steps': 10**6, 'logging_steps': 1, 'progress': False, 'seed': seed, 'batch_size': batch_size, 'loss_impl': loss_impl,
+                   'group_by_length': False}   # length grouping trains the longest batch first: the peak would follow the data's longest sample, not its size
             (d/f'cfg{n}.json').write_text(_json.dumps(cfg))
             t0 = time.perf_counter(); r = _peak_rss_run(d/f'cfg{n}.json'); r['seconds'] = round(time.perf_counter() - t0, 1)
             rows.append(r)
