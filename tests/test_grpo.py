@@ -224,7 +224,7 @@ def test_two_processes_take_the_step_one_process_takes(tiny, tmp_path):
     la, lb = _log(one['log']), _log(two['log'])           # (Adam's first step divides by |g|: float summation order shows at 1e-6)
     assert lb[0]['grad_norm'] == pytest.approx(la[0]['grad_norm'], rel=1e-5)         # the summed gradient has the whole batch's scale
     for k in ('reward_mean', 'tool_calls_executed', 'completion_tokens', 'tasks'): assert la[0][k] == lb[0][k], k
-    assert lb[0]['loss'] == pytest.approx(la[0]['loss'], rel=1e-5) and lb[0]['world_size'] == 2
+    assert lb[0]['loss'] == pytest.approx(la[0]['loss'], rel=1e-5, abs=1e-7) and lb[0]['world_size'] == 2   # ~0 at ratio 1: group advantages sum to 0
     one2, (q1,) = _grpo_run(tiny, tmp_path/'one', 2, 1)                                # one more step, resumed, both ways
     two2, (q2a, _) = _grpo_run(tiny, tmp_path/'two', 2, 2)
     assert (one2['resumed_from'], two2['resumed_from']) == (1, 1)

@@ -232,7 +232,7 @@ def test_mrope_vectorised_equals_loop(fam):
     if root is not None:
         for f in sorted(root.glob('*.json*')):
             seqs += SequenceBuilder(ad, missing='placeholder', image_root=root/'images', pixels=False, keep_thinking=True).build_many(read_dataset(f).samples)
-    assert len(seqs) > len(samples)
+    if root is not None: assert len(seqs) > len(samples)                      # the shared samples were built too
     def both(ids, grids, am=None, start=0):
         a = mrope_positions(ids, ad.image_token_id, grids, am, start)
         assert torch.equal(a, _mrope_loop(ids, ad.image_token_id, grids, am, start))
