@@ -14,20 +14,12 @@ import argparse, contextlib, json, os, sys, tempfile, time
 from pathlib import Path
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rollouts_gpu import checkpoint as _checkpoint
+
 def checkpoint(out: Path, size: str) -> Path:
     "Write (once) a random InternVL3.5 checkpoint of `size` shapes (bf16 for '1b') with the project's tokenizer and processor files."
-    import transformers as T
-    from vlm_nb.models import build_tokenizer_dir, _processor_files
-    from vlm_nb.sft import internvl_1b_config
-    if (out/'config.json').exists(): return out
-    build_tokenizer_dir('internvl3_5', out)
-    tok = T.AutoTokenizer.from_pretrained(str(out))
-    torch.manual_seed(0)
-    model = T.InternVLForConditionalGeneration(internvl_1b_config(tok, size))
-    if size == '1b': model = model.to(torch.bfloat16)
-    model.save_pretrained(str(out)); _processor_files('internvl3_5', out, tok)
-    del model
-    return out
+    return _checkpoint(out, size, torch.bfloat16 if size == '1b' else None)
 
 def _devices(model) -> dict:
     "{device: number of parameters} of `model`."

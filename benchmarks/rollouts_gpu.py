@@ -10,8 +10,8 @@ import argparse, json, time
 from pathlib import Path
 import torch
 
-def checkpoint(out:Path, size:str)->Path:
-    "Write (once) a random InternVL3.5 checkpoint of `size` shapes with the project's tokenizer and processor files."
+def checkpoint(out:Path, size:str, dtype=None)->Path:
+    "Write (once) a random InternVL3.5 checkpoint of `size` shapes (weights in `dtype`, default float32) with the project's tokenizer and processor files."
     import transformers as T
     from vlm_nb.models import build_tokenizer_dir, _processor_files
     from vlm_nb.sft import internvl_1b_config
@@ -20,6 +20,7 @@ def checkpoint(out:Path, size:str)->Path:
     tok = T.AutoTokenizer.from_pretrained(str(out))
     torch.manual_seed(0)
     model = T.InternVLForConditionalGeneration(internvl_1b_config(tok, size))
+    if dtype is not None: model = model.to(dtype)
     model.save_pretrained(str(out)); _processor_files('internvl3_5', out, tok)
     return out
 
