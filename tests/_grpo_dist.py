@@ -4,7 +4,7 @@ import json, os, sys
 from pathlib import Path
 import torch
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
-from vlm_nb.grpo import GRPOConfig, train_grpo, synthetic_tasks, rollout_from_trajectory, TokenRecorder, _trainable
+from vlm_nb.grpo import GRPOConfig, train_grpo, synthetic_tasks, rollout_from_trajectory, TokenRecorder, _trainable, dist_close
 from vlm_nb.engine import ToolEngine, ForcedContinuation, Request
 from vlm_nb.models import load_model
 from vlm_nb.tools import ToolRegistry
@@ -19,7 +19,7 @@ if sys.argv[1] == 'advantages':           # `_grpo_dist.py advantages SCALE`: th
     adv = step_advantages([x for g in mine for x in g], 4, [True]*4*len(mine), sys.argv[2], world)
     parts = _all_gather(adv.tolist(), world)
     if rank == 0: print(json.dumps({'world_size': world, 'advantages': [parts[i % world][4*(i//world):4*(i//world) + 4] for i in range(len(groups))]}))
-    sys.exit(0)
+    dist_close(); sys.exit(0)
 
 model_dir, out, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 ds = sys.argv[4] if len(sys.argv) > 4 else None
@@ -44,3 +44,4 @@ policy, _ = load_model(model_dir, max_pixels=160*160)        # LoRA is added in 
 s = train_grpo(cfg, tasks=tasks, model=policy, adapter=ad, registry=reg, rollout_fn=fixed_rollouts)
 torch.save({n: p.detach().clone() for n, p in policy.named_parameters() if 'lora_' in n}, out/f"params-{s['rank']}.pt")
 if s['rank'] == 0: print(json.dumps(s))
+dist_close()

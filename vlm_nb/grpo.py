@@ -27,7 +27,7 @@ __all__ = ['CROP_CALL_COST', 'REWARD_FUNCS', 'Rollout', 'simulate_rollout', 'GRP
            'GRPOConfig', 'load_grpo_config', 'resolve_device', 'resolve_dtype', 'warmup_steps', 'lr_factor',
            'TokenRecorder', 'jitter_box', 'scripted_prefix', 'rollout_from_trajectory', 'generate_groups',
            'generate_group', 'prepare_policy', 'rollout_inputs', 'rollout_logprobs', 'save_checkpoint',
-           'latest_checkpoint', 'load_checkpoint', 'step_stats', 'dist_backend', 'batch_reward_stats',
+           'latest_checkpoint', 'load_checkpoint', 'step_stats', 'dist_backend', 'dist_close', 'batch_reward_stats',
            'step_advantages', 'train_grpo', 'train_grpo_main', 'demo_grpo']
 
 # %% ../nbs/08_grpo.ipynb #43b4e8c3
@@ -802,6 +802,12 @@ def _barrier(world: int):
         import torch.distributed as dist
         dist.barrier()
 
+def dist_close():
+    "Leave the process group (after a barrier), so that no process exits while gloo or nccl still hold its threads."
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(); dist.destroy_process_group()
+
 def _all_sum(x: float, world: int) -> float:
     "`x` summed over the processes."
     if world == 1: return x
@@ -1099,6 +1105,7 @@ def train_grpo_main(argv: list|None=None # command-line arguments after `vlm-nb 
         if a.print_config: print(config_yaml(cfg)); return 0
         if a.dry_run: print(json.dumps(asdict(cfg), indent=None if a.json else 2)); return 0
         s = train_grpo(cfg)
+        dist_close()
     except (FileNotFoundError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr); return 1
