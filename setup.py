@@ -23,12 +23,13 @@ dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 
-# Optional extras. CPU machines install `torch==2.13.0` first (a CPU wheel); GPU users install a CUDA torch first.
+# The base install runs `vlm-nb demo`; extras add the rest (README: "Two commands for a newcomer"). Install torch first:
+# on Linux PyPI serves its CUDA build, so CPU-only machines use `--index-url https://download.pytorch.org/whl/cpu`.
 extras = {
-    'dev': dev_requirements,
+    'dev': dev_requirements,    # tests, notebooks, docs: nbdev, JupyterLab, pytest, Playwright (settings.ini)
     'gpu': ['flash-attn', 'deepspeed', 'bitsandbytes'],
     'deepspeed': ['deepspeed'],
-    'serve': ['gradio', 'fastapi', 'uvicorn', 'openai', 'playwright'],
+    'serve': ['gradio', 'fastapi', 'uvicorn', 'openai'],
     'vllm': ['vllm'],   # GPU machines: the official package, in its own venv if its pins clash; CPU: scripts/vllm_cpu_env.sh
 }
 extras['all'] = sorted({r for k, v in extras.items() if k not in ('gpu', 'vllm') for r in v})

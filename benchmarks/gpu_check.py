@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py [--tiny] [--steps 6] [--grpo-steps 2] [--prompts 4] [--generations 8] [--max-new-tokens 64]
                                    [--mode full|lora] [--out /tmp/vlm_nb_gpu_check]
 Prints one JSON object:
-- "sft": training tokens/s, MFU and peak memory of the 1B-sized model, padded and packed (`vlm_nb.sft.gpu_train_bench`);
+- "sft": training tokens/s, MFU and peak memory of the 1B-sized model, padded and packed (`vlm_nb.sft_bench.gpu_train_bench`);
 - "grpo": 2 GRPO steps (`vlm_nb.grpo.train_grpo`, synthetic scenes, a scripted first Crop call, KL to the reference):
   rollout tokens/s, peak memory, the device of every parameter, of the reference model, of the log-probs and of the
   logits the engine samples from;
@@ -28,7 +28,7 @@ def _devices(model) -> dict:
     return out
 
 def sft_part(size: str, steps: int, batch_size: int, seq_len: int) -> dict:
-    from vlm_nb.sft import gpu_train_bench
+    from vlm_nb.sft_bench import gpu_train_bench
     try: return gpu_train_bench(size, steps=steps, batch_size=batch_size, seq_len=seq_len, zero2=False, attn='sdpa', packing=True)
     except Exception as e: return {'not_run': f'{type(e).__name__}: {e}'}
 

@@ -3,7 +3,7 @@
 
     python benchmarks/rollouts_gpu.py [--size 1b|small|tiny] [--n 64] [--prompts 8] [--max-new-tokens 64] [--dtype bf16|fp32]
                                       [--repeats 1] [--out /tmp/vlm_nb_rollouts_1b]
-Prints one JSON object (see `vlm_nb.engine.bench_rollouts`). Random weights, so the model's own tokens are noise; the
+Prints one JSON object (see `vlm_nb.batch.bench_rollouts`). Random weights, so the model's own tokens are noise; the
 figure is throughput. `identical` compares every token of the two arms: exact in fp32; in bf16 a different batch shape
 may flip a near-tied greedy pick."""
 import argparse, json, time
@@ -14,7 +14,7 @@ def checkpoint(out:Path, size:str, dtype=None)->Path:
     "Write (once) a random InternVL3.5 checkpoint of `size` shapes (weights in `dtype`, default float32) with the project's tokenizer and processor files."
     import transformers as T
     from vlm_nb.models import build_tokenizer_dir, _processor_files
-    from vlm_nb.sft import internvl_1b_config
+    from vlm_nb.sft_bench import internvl_1b_config
     if (out/'config.json').exists(): return out
     build_tokenizer_dir('internvl3_5', out)
     tok = T.AutoTokenizer.from_pretrained(str(out))
@@ -33,7 +33,7 @@ if __name__ == '__main__':
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--out', default='/tmp/vlm_nb_rollouts_{size}')
     a = p.parse_args()
-    from vlm_nb.engine import bench_rollouts
+    from vlm_nb.batch import bench_rollouts
     t0 = time.perf_counter()
     ck = checkpoint(Path(a.out.format(size=a.size)), a.size)
     r = bench_rollouts(json=False, n=a.n, max_new_tokens=a.max_new_tokens, prompts=a.prompts, repeats=a.repeats, checkpoint=ck,

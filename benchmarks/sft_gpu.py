@@ -3,10 +3,10 @@ flash_attention_2 / flex_attention, peak memory, plus a DeepSpeed ZeRO-2 run.
 
     python benchmarks/sft_gpu.py [--attn flash_attention_2|flex_attention|sdpa] [--steps 10] [--batch-size 4] [--seq-len 2048]
                                  [--no-zero2] [--no-packing] [--gradient-checkpointing]
-Prints one JSON object per attention implementation tried (see `vlm_nb.sft.gpu_train_bench`); an implementation that
+Prints one JSON object per attention implementation tried (see `vlm_nb.sft_bench.gpu_train_bench`); an implementation that
 cannot be loaded here (e.g. flash-attn not installed) is reported as not run, and the next one is tried."""
 import argparse, json, sys
-from vlm_nb.sft import gpu_train_bench
+from vlm_nb.sft_bench import gpu_train_bench
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from vlm_nb.grpo import GRPOConfig, train_grpo, synthetic_tasks, rollout_from_trajectory, TokenRecorder, _trainable, dist_close
-from vlm_nb.engine import ToolEngine, ForcedContinuation, Request
+from vlm_nb.engine import ToolEngine, ForcedContinuation
+from vlm_nb.batch import Request
 from vlm_nb.models import load_model
 from vlm_nb.tools import ToolRegistry
 from vlm_nb.builtin_tools.crop_tool import CropTool

@@ -55,3 +55,21 @@ def test_demo_cli_errors(capsys):
     assert demo_main(['--help']) == 0
     out = capsys.readouterr().out
     assert 'vlm-nb demo' in out and '--minutes' in out and '20 %' in out
+
+def _report(grpo_after=0.75, lo=0.66):
+    pk = lambda acc, a, b, n=60: {'n': n, 'answer_accuracy': acc, 'answer_accuracy_ci95': [a, b]}
+    return {'after': {'per_kind': {'crop': pk(0.95, 0.86, 0.98)}}, 'baseline': {'per_kind': {'crop': pk(0.1, 0.05, 0.2)}},
+            'grpo': {'before': pk(0.5, 0.41, 0.59, 106), 'after': pk(grpo_after, lo, 0.82, 106), 'self_written_tool_response_rate': 0.0}}
+
+def test_demo_acceptance_decides_exit_status(monkeypatch, capsys, tmp_path):
+    "`all=NO` exits 3 with the failing checks named on stderr; a passing report exits 0."
+    import vlm_nb.demo as D
+    ok = _report(); ok['acceptance'] = D.acceptance(ok)
+    assert ok['acceptance']['all'] and D.failed_checks(ok['acceptance']) == []
+    thin = _report(0.62, 0.52); thin['acceptance'] = D.acceptance(thin)     # +0.12, intervals overlapping
+    assert D.failed_checks(thin['acceptance']) == ['grpo_gain_at_least_0.15', 'grpo_intervals_disjoint']
+    for rep, code in ((ok, 0), (thin, 3)):
+        monkeypatch.setattr(D, 'run_demo', lambda cfg, log=None, rep=rep: rep)
+        assert D.demo_main(['--out', str(tmp_path), '--json', '--grpo']) == code
+        err = capsys.readouterr().err
+        assert ('grpo_gain_at_least_0.15, grpo_intervals_disjoint' in err) == (code == 3) and ('acceptance failed' in err) == (code == 3)

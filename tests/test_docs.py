@@ -29,12 +29,13 @@ def test_page_in_headless_chromium(site, artifacts):
     assert '<nav>' in dom and 'Data model' in dom
     assert 'record_to_sample' in dom            # API docs made it to the page
     assert re.search(r'<a href="15_cli.html"', dom)  # the navigation links the other pages
-    shot = artifacts/'docs_00_data.png'
-    subprocess.run([chromium(), *CHROME_FLAGS, '--user-data-dir=' + str(out/'.chrome2'), '--window-size=1200,900',
-                    f'--screenshot={shot}', page.as_uri()], capture_output=True, timeout=120)
     from PIL import Image
-    im = Image.open(shot).convert('L'); lo, hi = im.getextrema()
-    assert im.size == (1200, 900) and hi - lo > 100   # not a blank page
+    for name in ('00_data', '12_eval', '02a_synthetic'):   # a text page and two with figures, as a reader sees them
+        shot = artifacts/f'docs_{name}.png'
+        subprocess.run([chromium(), *CHROME_FLAGS, f'--user-data-dir={out}/.chrome_{name}', '--window-size=1200,900',
+                        f'--screenshot={shot}', (out/f'{name}.html').as_uri()], capture_output=True, timeout=120)
+        im = Image.open(shot).convert('L'); lo, hi = im.getextrema()
+        assert im.size == (1200, 900) and hi - lo > 100, name   # not a blank page
 
 def test_executed_pages_show_figures(tmp_path):
     "With execute=True the cells run first, so a page shows what they display: text and matplotlib figures."
@@ -51,3 +52,37 @@ def test_executed_pages_show_figures(tmp_path):
     assert '<img' in page and 'data:image/png;base64' in page and '42' in page and page.count('RuntimeError') == 1   # the slow cell's source, not its error
     plain = (render_docs(tmp_path/'site2', nbs=src, use_quarto=False).parent/'01_fig.html').read_text()
     assert 'data:image/png' not in plain            # without execute: code and prose only
+
+NBS = sorted(p for p in (ROOT/'nbs').glob('*.ipynb') if not p.name.startswith('_'))
+# cheap notebooks that print the same thing with or without ../shared: re-executed to catch outputs the code no longer makes
+CHEAP = ['00_data', '01a_crop_tool', '02a_synthetic']
+
+@pytest.mark.parametrize('nb', NBS, ids=lambda p: p.stem)
+def test_no_output_outlived_its_cell(nb):
+    "Every cell that carries outputs was executed as it reads now (its source hash matches): no stale output on a page."
+    from vlm_nb.cli import stale_cells
+    assert stale_cells(nb) == [], f'cells edited after their outputs were written; run: vlm-nb docs --refresh nbs/{nb.name}'
+
+@pytest.mark.parametrize('name', CHEAP)
+def test_committed_outputs_are_what_the_code_prints(name):
+    from vlm_nb.cli import check_outputs
+    nb = ROOT/'nbs'/f'{name}.ipynb'
+    assert any(c.get('outputs') for c in json.loads(nb.read_text())['cells']), f'committed without outputs; run: vlm-nb docs --refresh nbs/{nb.name}'
+    assert check_outputs(nb) == [], f'outputs changed; run: vlm-nb docs --refresh nbs/{nb.name}'
+
+def site_counts(out: Path) -> dict:
+    "Per page: example-cell outputs (show_doc API entries, which are markdown outputs, not counted) and figures."
+    res = {}
+    for p in sorted(out.glob('*.html')):
+        h = p.read_text()
+        res[p.stem] = (len([c for c in re.findall(r'class="([^"]*output_subarea[^"]*)"', h) if 'output_markdown' not in c]),
+                       len(re.findall(r'<img[^>]*src="data:image/png', h)))
+    return res
+
+def test_pages_show_outputs_and_figures(site):
+    "From the committed outputs alone (no execution): >= 80 % of the pages show outputs, >= 6 show figures, >= 12 figures."
+    out, _ = site
+    n = site_counts(out)
+    with_out = [k for k, (o, _) in n.items() if o]
+    assert len(with_out) >= 0.8 * len(n), f'pages without outputs: {sorted(set(n) - set(with_out))}; run: vlm-nb docs --refresh'
+    assert sum(f > 0 for _, f in n.values()) >= 6 and sum(f for _, f in n.values()) >= 12, n

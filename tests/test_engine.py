@@ -1,4 +1,4 @@
-"End-to-end checks of vlm_nb.engine: the CLI, and the remote loop against a real `transformers serve` on 127.0.0.1."
+"End-to-end checks of vlm_nb.engine, vlm_nb.batch and vlm_nb.infer: the CLI, and the remote loop against a real `transformers serve` on 127.0.0.1."
 import os, sys, json, time, shutil, socket, subprocess, contextlib, io
 from pathlib import Path
 import pytest
@@ -16,7 +16,7 @@ def tiny_ovis(work):
     return make_tiny('ovis2_5', work/'ovis')
 
 def _cli(*argv):
-    from vlm_nb.engine import infer_main
+    from vlm_nb.infer import infer_main
     o, e = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e): rc = infer_main([str(a) for a in argv])
     return rc, o.getvalue(), e.getvalue()
@@ -69,7 +69,8 @@ def test_remote_loop_against_transformers_serve(work):
     tok = T.AutoTokenizer.from_pretrained(str(ck)); torch.manual_seed(0)
     T.LlamaForCausalLM(T.LlamaConfig(**_tiny_text(tok))).save_pretrained(str(ck))
     with transformers_serve(ck, work/'serve.log') as port:
-        from vlm_nb.engine import RemoteEngine, GenConfig
+        from vlm_nb.engine import GenConfig
+        from vlm_nb.infer import RemoteEngine
         eos = tok.convert_tokens_to_ids('<|im_end|>')
         gc = _scripted_generation_config(tok, [
             ('<|im_start|>assistant\n', 'Look. <tool_call>Identify [1, 2, 30, 40]</tool_call>', 100.),
@@ -100,7 +101,8 @@ _OPTS = {'internvl3_5': {'max_tiles': 1}, 'qwen2_5_vl': {'max_pixels': 200*200},
 
 def _requests(tok, photo, wide):
     "Seven requests: two images and several prompt lengths, Crop/Identify at different steps (two rows crop at the same step), early stops, a shared prompt, text only."
-    from vlm_nb.engine import ForcedContinuation as F, Request
+    from vlm_nb.engine import ForcedContinuation as F
+    from vlm_nb.batch import Request
     crop, ident = '<tool_call>Crop [40, 60, 120, 200]</tool_call>', '<tool_call>Identify [10, 10, 100, 150]</tool_call>'
     def req(images, prompt, script=None, then='free', free=12):
         "A request scripted to write `script` (then `free` tokens of its own, or stop)."
@@ -120,6 +122,7 @@ def test_batched_tool_loop_equals_sequential(work, family, layout):
     "Greedy, fp32, CPU: every row of the batched loop writes exactly the tokens the one-at-a-time engine writes (either tool layout)."
     from vlm_nb.models import make_tiny, load_model
     from vlm_nb.engine import ToolEngine
+    import vlm_nb.batch   # gives ToolEngine its batched loop (generate_batch, run_batch)
     d = work/f'tiny_{family}'
     if not (d/'config.json').exists(): make_tiny(family, d)
     model, ad = load_model(d, **_OPTS[family], **({'tool_layout': layout} if layout else {}))
@@ -174,7 +177,8 @@ def test_qwen_kv_continuation_equals_reprefill(work, family):
 def test_stray_placeholder_is_text_in_both_loops(work):
     "A placeholder forced into an answer (no image behind it) neither crashes the one-at-a-time engine nor splits it from the batched loop (Qwen's 3-D positions); the model's own sampling never picks one."
     from vlm_nb.models import make_tiny, load_model
-    from vlm_nb.engine import ToolEngine, ForcedContinuation as F, Request
+    from vlm_nb.engine import ToolEngine, ForcedContinuation as F
+    from vlm_nb.batch import Request
     d = work/'tiny_qwen2_5_vl'
     if not (d/'config.json').exists(): make_tiny('qwen2_5_vl', d)
     model, ad = load_model(d, **_OPTS['qwen2_5_vl'])
@@ -192,6 +196,7 @@ def test_batched_sampling_equals_sequential(work):
     "Sampling, each row with its own seed and settings (temperature, top-k, top-p, min-p, repetition penalty, greedy): the batched loop, which samples all rows in one pass, draws exactly the one-at-a-time tokens."
     from vlm_nb.models import make_tiny, load_model
     from vlm_nb.engine import ToolEngine
+    import vlm_nb.batch   # gives ToolEngine its batched loop (generate_batch, run_batch)
     d = work/'tiny_internvl3_5'
     if not (d/'config.json').exists(): make_tiny('internvl3_5', d)
     model, ad = load_model(d, **_OPTS['internvl3_5'])
@@ -216,7 +221,7 @@ def test_batched_sampling_equals_sequential(work):
 def test_tool_result_groups_stay_within_the_budget():
     "Paused rows' tool results are grouped so that rows x (longest past + longest new) stays within the budget; every row is in exactly one group."
     import random
-    from vlm_nb.engine import _by_tokens
+    from vlm_nb.batch import _by_tokens
     rng = random.Random(0)
     for _ in range(300):
         k, budget = rng.randint(0, 12), rng.choice([64, 500, 4096, 16384])

@@ -87,6 +87,22 @@ def test_adversarial_rewards(data):
     assert score_rollout(simulate_rollout(crop_cases['good'], crop.images, reg), crop, RewardWeights(crop=2.0))['total'] == pytest.approx(1.2 + 2*good_iou)
 
 
+def test_gated_rewards_need_a_right_answer(data):
+    "RewardWeights(gated=True): identity, crop and format pay only with a right answer; penalties still apply."
+    _, _, reg, crop, ident = data
+    cb, pb, name = crop.boxes[0], ident.boxes[0], ident.names[0]
+    pad = [cb[0] - 4, cb[1] - 4, cb[2] + 4, cb[3] + 4]
+    gw = RewardWeights(gated=True)
+    call = f"<think>\n<tool_call>Crop {_b(pad)}</tool_call>\n</think>\n"
+    right, wrong = (simulate_rollout(call + f"<answer>{a}</answer>", crop.images, reg) for a in (crop.answer, crop.answer + '0'))
+    assert score_rollout(right, crop, gw)['total'] == pytest.approx(score_rollout(right, crop)['total'])
+    assert score_rollout(right, crop)['total'] > 1.0
+    assert score_rollout(wrong, crop)['total'] > 0.2 and score_rollout(wrong, crop, gw)['total'] == 0.0
+    assert score_rollout(wrong, crop, gw)['crop'] > 0.5          # the components are still reported
+    own = simulate_rollout(f"<think>\n<tool_response>{name}</tool_response>\n</think>\n<answer>x</answer>", ident.images, reg)
+    assert score_rollout(own, ident, gw)['total'] == -1.0
+
+
 def test_injected_responses_are_not_model_text(data):
     _, _, reg, _, ident = data
     name = ident.names[0]

@@ -291,7 +291,7 @@ class FakeEngine:
 
 
 def test_batch_infer_records_unreadable(hd, tmp_path):
-    from vlm_nb.engine import batch_infer
+    from vlm_nb.infer import batch_infer
     eng = FakeEngine()
     st = batch_infer(eng, hd['path'], tmp_path/'out', image_root=hd['images'], progress=False)
     ds = read_dataset(hd['path'])
@@ -307,7 +307,7 @@ def test_batch_infer_records_unreadable(hd, tmp_path):
 
 
 def test_batch_infer_counts_unreadable_lines(hd, tmp_path):
-    from vlm_nb.engine import batch_infer
+    from vlm_nb.infer import batch_infer
     st = batch_infer(FakeEngine(), hd['path'], tmp_path/'out', image_root=hd['images'], progress=False)
     n_lines = len(HOSTILE_RECORDS)
     accounted = st['ok'] + st['unreadable'] + st['error'] + sum(v for k, v in st.items() if 'record' in k or 'line' in k)
@@ -418,7 +418,7 @@ def test_webui_defaults():
 
 def test_network_clients_have_timeouts():
     pytest.importorskip('openai')
-    from vlm_nb.engine import RemoteEngine, _infer_parser
+    from vlm_nb.infer import RemoteEngine, _infer_parser
     from vlm_nb.refcoco import OpenAIChat
     from vlm_nb.eval import ServerGrounder
     url = 'http://127.0.0.1:9/v1'

@@ -68,7 +68,7 @@ def infer_world(tmp_path_factory):
     return {'dir': d, 'model': model, 'imgs': d/'imgs'}
 
 def _infer_cmd(w, out):
-    return py(dispatch(('infer',), 'vlm_nb.engine', 'infer_main'), '--model', w['model'], '--input', w['imgs'], '--out', out,
+    return py(dispatch(('infer',), 'vlm_nb.infer', 'infer_main'), '--model', w['model'], '--input', w['imgs'], '--out', out,
               '--prompt', 'What is here?', '--greedy', '--max-new-tokens', 6, '--max-tool-calls', 1, '--batch-size', 2, '--json')
 
 def _answers(out):

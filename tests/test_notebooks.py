@@ -9,13 +9,11 @@ NBS = sorted(p for p in (ROOT/'nbs').glob('*.ipynb') if not p.name.startswith('_
 def _cells(p): return json.loads(p.read_text())['cells']
 
 def mixed_import_cells(p):
-    "Non-exported code cells that import AND do other work: nbdev's docs build executes them out of context."
+    "Non-exported code cells that import AND do other work: nbdev's docs build runs import cells and warns about these."
     bad, cells = [], _cells(p)
-    first_section = next((i for i, c in enumerate(cells) if c['cell_type'] == 'markdown' and re.search(r'^## ', ''.join(c['source']), re.M)), 0)
-    for i, c in enumerate(cells):
+    for i, c in enumerate(cells):   # every cell, the hidden setup cells at the top too: nbdev warns about those as well
         src = ''.join(c['source'])
-        if i < first_section: continue   # the notebook's import/setup cells
-        if c['cell_type'] != 'code' or 'nbdev_export()' in src or re.search(r'^#\|\s*(export|exports|exporti|eval:\s*false)', src, re.M): continue
+        if c['cell_type'] != 'code' or 'nbdev_export()' in src or re.search(r'^#\|\s*(export|exports|exporti|exec_doc|eval:\s*false)', src, re.M): continue
         try: trees = ast.parse('\n'.join(l for l in src.splitlines() if not l.lstrip().startswith(('%', '!'))))
         except SyntaxError: continue
         nodes = list(ast.walk(trees))

@@ -14,3 +14,15 @@ def test_readme_has_exactly_two_newcomer_commands():
     block = text.split('## Two commands for a newcomer')[1].split('```bash')[1].split('```')[0]
     cmds = [l for l in block.splitlines() if l.strip() and not l.strip().startswith('#')]
     assert len(cmds) == 2 and 'pip install torch==2.13.0' in cmds[0] and cmds[1].strip() == 'bash .ci/run'
+
+def test_demo_install_is_light_and_test_extras_separate():
+    "The newcomer's first command installs no extras; JupyterLab and Playwright come only with `.[dev]`."
+    import ast, configparser
+    cmd = (ROOT/'README.md').read_text().split('## Two commands for a newcomer')[1].split('```bash')[1].split('```')[0]
+    assert 'pip install -e . ' in cmd and '[dev' not in cmd.split('\n# 2.')[0]
+    cfg = configparser.ConfigParser(delimiters=['=']); cfg.read(ROOT/'settings.ini')
+    base, dev = cfg['DEFAULT']['requirements'].split(), cfg['DEFAULT']['dev_requirements'].split()
+    assert not {'jupyter', 'playwright', 'nbdev==2.4.14', 'gradio'} & set(base) and {'jupyter', 'playwright'} <= set(dev)
+    serve = next(n for n in ast.walk(ast.parse((ROOT/'setup.py').read_text())) if isinstance(n, ast.Dict) and
+                 any(isinstance(k, ast.Constant) and k.value == 'serve' for k in n.keys))
+    assert 'playwright' not in ast.unparse(serve)

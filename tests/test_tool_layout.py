@@ -68,7 +68,7 @@ def test_engine_grpo_and_builder_agree(ckpts, family, layout):
     else: assert '</tool_call><tool_response>unknown person</tool_response>So nobody' in text and text.count('<|im_start|>') == 0
 
 def test_remote_engine_refuses_inline_models(ckpts):
-    from vlm_nb.engine import RemoteEngine
+    from vlm_nb.infer import RemoteEngine
     from vlm_nb.models import record_tool_layout
     class Never:
         chat = None
@@ -85,7 +85,8 @@ def test_served_turn_model_sees_the_training_ids(ckpts, tmp_path):
     "`transformers serve` tokenizes RemoteEngine's requests into exactly the training sequence's prefixes."
     for mod in ('fastapi', 'uvicorn', 'openai'): pytest.importorskip(mod, reason=f'transformers serve needs {mod}')
     from vlm_nb.models import load_model, record_tool_layout
-    from vlm_nb.engine import RemoteEngine, ToolEngine, GenConfig
+    from vlm_nb.engine import ToolEngine, GenConfig
+    from vlm_nb.infer import RemoteEngine
     from vlm_nb.sequences import build_sequence, TRAINED
     from vlm_nb.tools import ToolResult, default_registry, parse_tool_calls
     ck = ckpts['qwen3_vl']; record_tool_layout(ck, 'turn')

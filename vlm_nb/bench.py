@@ -7,19 +7,37 @@ from __future__ import annotations
 import sys, json, argparse, importlib, inspect, time, platform, os
 
 # %% auto #0
-__all__ = ['BENCHMARKS', 'machine_info', 'run_benchmark', 'bench_main']
+__all__ = ['BENCHMARKS', 'READING', 'machine_info', 'run_benchmark', 'bench_main']
 
 # %% ../nbs/16_bench.ipynb #cd3be6cb
 BENCHMARKS = {
     'collator': ('vlm_nb.sequences:bench_collator', 'sequence building vs the tokenizer floor (target ratio <= 1.5); padding waste with/without packing'),
     'toolloop': ('vlm_nb.engine:bench_toolloop', 'KV-cached tool loop vs re-prefill at every segment (target speedup >= 2, overhead <= 1.3)'),
-    'rollouts': ('vlm_nb.engine:bench_rollouts', '8 tool-using trajectories one by one vs in the batched loop, greedy or --temperature T (target speedup >= 4 on 2 CPU cores, identical tokens); one sampling step of 64 rows (target sample_ms_per_row <= 1)'),
-    'train':    ('vlm_nb.sft:bench_train', "tokens/s of vlm_nb's trainer vs TRL SFTTrainer, and the gain from packing"),
-    'plan':     ('vlm_nb.sft:bench_plan', 'preparing 10,000 crop samples for SFT on the real vocabulary (target ms_per_sample <= 2)'),
-    'memory':   ('vlm_nb.sft:bench_memory', 'peak RSS of `vlm-nb train sft` at 1,000 and 4,000 crop samples (target growth <= 0.05 GB per 1k, <= 4 GB)'),
+    'rollouts': ('vlm_nb.batch:bench_rollouts', '8 tool-using trajectories one by one vs in the batched loop, greedy or --temperature T (target speedup >= 4 on 2 CPU cores, identical tokens); one sampling step of 64 rows (target sample_ms_per_row <= 1)'),
+    'train':    ('vlm_nb.sft_bench:bench_train', "tokens/s of vlm_nb's trainer vs TRL SFTTrainer, and the gain from packing"),
+    'plan':     ('vlm_nb.sft_bench:bench_plan', 'preparing 10,000 crop samples for SFT on the real vocabulary (target ms_per_sample <= 2)'),
+    'memory':   ('vlm_nb.sft_bench:bench_memory', 'peak RSS of `vlm-nb train sft` at 1,000 and 4,000 crop samples (target growth <= 0.05 GB per 1k, <= 4 GB)'),
     'refcoco':  ('vlm_nb.refcoco:bench_refcoco', 'template RefCOCO pipeline on 100k references (target < 60 s on 2 cores)'),
     'vllm':     ('vlm_nb.vllm_backend:bench_vllm', 'serve a tiny model of each family with real vLLM: prompt ids = training ids, greedy tool loop = local engine, rollout tokens/s'),
 }
+
+# which way each ratio is better, printed next to it
+READING = {
+    'collator': {'ratio': 'our build time / one tokenizer pass over the same texts: lower is better (1.0 = no slower than tokenizing; target <= 1.5)'},
+    'toolloop': {'speedup': 're-prefill time / KV-cached time: higher is better (target >= 2)',
+                 'overhead': 'KV-cached tool loop / plain generation: lower is better (target <= 1.3)'},
+    'train':    {'ours_vs_trl': "vlm_nb's tokens/s / TRL's: higher is better", 'packing_gain': 'packed tokens/s / padded: higher is better'},
+    'plan':     {'ms_per_sample': 'lower is better (target <= 2)'},
+    'memory':   {'growth_gb_per_1k': 'lower is better (target <= 0.05)'},
+}
+
+def _with_reading(name, res: dict) -> dict:
+    "`res` with a `KEY_means` entry after each ratio of `READING[name]` it holds."
+    out = {}
+    for k, v in res.items():
+        out[k] = v
+        if k in READING.get(name, {}): out[f'{k}_means'] = READING[name][k]
+    return out
 
 def machine_info() -> dict:
     "Where a benchmark ran: CPU count, torch threads and device."
@@ -45,7 +63,7 @@ def run_benchmark(name: str, # a key of `BENCHMARKS`
     t0 = time.perf_counter(); res = f(**kw)
     res = dict(res or {}); res.setdefault('bench', name); res.setdefault('wall_s', round(time.perf_counter() - t0, 3))
     res['machine'] = machine_info()
-    return res
+    return _with_reading(name, res)
 
 def bench_main(argv=None):
     "vlm-nb bench NAME [--json] [--quick] [--temperature T]"

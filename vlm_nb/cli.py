@@ -8,7 +8,8 @@ import sys, os, importlib, argparse, json, shutil, subprocess, html, re
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['COMMANDS', 'register_command', 'main', 'project_root', 'render_docs', 'execute_notebook', 'docs_main']
+__all__ = ['COMMANDS', 'register_command', 'main', 'project_root', 'render_docs', 'execute_notebook', 'docs_main',
+           'refresh_notebook', 'refresh_outputs', 'stale_cells', 'output_text', 'check_outputs']
 
 # %% ../nbs/15_cli.ipynb #265ac2ae
 COMMANDS = {
@@ -24,7 +25,7 @@ COMMANDS = {
     ('train', 'sft'):     ('vlm_nb.sft:train_sft_main', 'SFT or LoRA/QLoRA of any family with tool responses masked; packing, DeepSpeed, automatic resume'),
     ('train', 'merge'):   ('vlm_nb.sft:train_merge_main', 'merge a LoRA adapter into a standalone checkpoint (weights, processor, tokenizer, chat template)'),
     ('train', 'grpo'):    ('vlm_nb.grpo:train_grpo_main', 'GRPO with tools executed inside the rollouts; rewards for answers, identity, crops, format; penalties that cannot be gamed'),
-    ('infer',):           ('vlm_nb.engine:infer_main', 'tool-augmented inference: one image, a folder/dataset (batch, resumable) or a video; local model or server'),
+    ('infer',):           ('vlm_nb.infer:infer_main', 'tool-augmented inference: one image, a folder/dataset (batch, resumable) or a video; local model or server'),
     ('eval', 'rec'):      ('vlm_nb.eval:eval_rec_main', 'referring-expression comprehension Acc@IoU>=0.5 with a Wilson 95% interval'),
     ('eval', 'tools'):    ('vlm_nb.eval:eval_tools_main', 'tool-use metrics on a tool-calling dataset: call rate/validity, crop IoU, accuracy, identity, self-written responses'),
     ('tiny',):            ('vlm_nb.models:tiny_main', 'write a tiny random checkpoint of a model family (config, weights, tokenizer, processor)'),
@@ -68,7 +69,8 @@ def main(argv: list|None=None # arguments after `vlm-nb` (default: sys.argv[1:])
             return int(rc or 0)
     group = (argv[0],)
     if any(k[:1] == group for k in COMMANDS):
-        if len(argv) == 1 or argv[1] in ('-h', '--help'): print(_usage(group)); return 0
+        if len(argv) > 1 and argv[1] in ('-h', '--help'): print(_usage(group)); return 0
+        if len(argv) == 1: print(f'error: vlm-nb {argv[0]} needs a subcommand\n' + _usage(group), file=sys.stderr); return 2
         print(f"error: unknown command 'vlm-nb {' '.join(argv[:2])}'; try: " + ', '.join(' '.join(k) for k in COMMANDS if k[:1] == group), file=sys.stderr)
         return 2
     print(f"error: unknown command {argv[0]!r}; run 'vlm-nb --help' for the list", file=sys.stderr)
@@ -77,7 +79,8 @@ def main(argv: list|None=None # arguments after `vlm-nb` (default: sys.argv[1:])
 # %% ../nbs/15_cli.ipynb #01548798
 _CSS = """body{font-family:system-ui,sans-serif;margin:0;display:flex}nav{width:15rem;min-height:100vh;background:#f4f5f7;padding:1rem;box-sizing:border-box;flex:none}
 nav a{display:block;padding:.2rem 0;color:#1a4b8c;text-decoration:none}nav a.cur{font-weight:700}main{padding:1rem 2rem;max-width:60rem;overflow-x:auto}
-pre{background:#f6f8fa;padding:.6rem;overflow-x:auto}table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:.2rem .4rem}"""
+pre{background:#f6f8fa;padding:.6rem;overflow-x:auto}table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:.2rem .4rem}
+img{max-width:100%;height:auto}.output_area pre{background:#fff;border-left:3px solid #d0d7de;margin:.2rem 0 1rem;max-height:30rem}"""
 
 def _title_of(nb) -> str:
     for c in nb.cells:
@@ -139,8 +142,19 @@ def render_docs(out, # output folder
     try: return _render_docs(out, nbs, use_quarto, execute)
     finally: os.chdir(here)
 
+def _seed_all(seed:int=0):
+    "Seed python, numpy and torch so that executed notebooks print the same numbers every time."
+    import random; random.seed(seed)
+    try:
+        import numpy as np; np.random.seed(seed)
+    except ImportError: pass
+    try:
+        import torch; torch.manual_seed(seed)
+    except ImportError: pass
+
 def execute_notebook(nbp:Path, # a notebook, rewritten with its outputs
                      cwd:Path, # folder the cells run in (the source notebook's)
+                     seed:int=0, # python/numpy/torch seed set before the first cell
                     )->bool:
     "Run the cells of `nbp` as `nbdev_test` does (no slow/GPU cells, no `eval: false`), keep their outputs; True if none failed."
     from execnb.shell import CaptureShell
@@ -152,10 +166,12 @@ def execute_notebook(nbp:Path, # a notebook, rewritten with its outputs
     def no_eval(cell):
         if cell.cell_type != 'code' or 'nbdev_export(' in cell.source: return True
         d = getattr(cell, 'directives_', {}) or {}
-        return d.get('eval:', [''])[0].lower() == 'false' or bool(skip & d.keys())
+        skipped = d.get('eval:', [''])[0].lower() == 'false' or bool(skip & d.keys())
+        if skipped: cell['outputs'] = []          # a skipped cell keeps no output from an older run
+        return skipped
     nb = NBProcessor(nbp, procs=FrontmatterProc, process=True).nb
-    sh, here = CaptureShell(nbp), Path.cwd()
-    os.chdir(cwd)
+    sh, here = CaptureShell(nbp, mpl_format='png'), Path.cwd()   # plain PNG figures: half the bytes of retina
+    os.chdir(cwd); _seed_all(seed)
     try: sh.run_all(nb, exc_stop=False, preproc=no_eval)
     finally: os.chdir(here)
     for c in nb.cells: c.pop('directives_', None)
@@ -204,20 +220,145 @@ def _render_docs(out, nbs, use_quarto, execute=False):
     return out/'index.html'
 
 def docs_main(argv=None):
-    "vlm-nb docs: render the docs site offline."
-    p = argparse.ArgumentParser(prog='vlm-nb docs', description='Render the documentation site from the notebooks. Uses nbdev_docs '
-                                'when quarto is installed, otherwise nbdev processing + nbconvert, fully offline.')
+    "vlm-nb docs: render the docs site offline; --refresh writes the notebooks' outputs, --check compares them."
+    p = argparse.ArgumentParser(prog='vlm-nb docs', description='Render the documentation site from the notebooks, with the outputs '
+                                'and figures committed in them. Uses nbdev_docs when quarto is installed, otherwise nbdev '
+                                'processing + nbconvert, fully offline.')
+    p.add_argument('notebooks', nargs='*', help='with --refresh or --check: the notebooks to run (default: all)')
     p.add_argument('--out', default='_site', help='output folder (default: _site)')
     p.add_argument('--no-quarto', action='store_true', help='do not use quarto even if it is installed')
     p.add_argument('--json', action='store_true', help='print {"index": path, "pages": n} as JSON')
-    p.add_argument('--execute', action='store_true', help="run the notebooks first so pages show their outputs and figures "
-                   "(takes as long as the notebook tests; without it pages show the code and prose only)")
+    p.add_argument('--execute', action='store_true', help="run copies of the notebooks first and render those "
+                   "(takes as long as the notebook tests; the committed notebooks already carry their outputs)")
+    p.add_argument('--refresh', action='store_true', help='execute the notebooks in place (CPU, seeded, slow/GPU cells skipped), '
+                   'keep their outputs and figures, nbdev_clean them; commit the result. Builds no site')
+    p.add_argument('--check', action='store_true', help='re-execute the notebooks and fail if a text output differs from the '
+                   'committed one (timings, paths, addresses masked) or a cell changed after its outputs were written. Builds no site')
+    p.add_argument('--workers', type=int, default=1, help='with --refresh: notebooks executed at once (default: 1)')
     a = p.parse_args(argv)
+    if a.notebooks and not (a.refresh or a.check): p.error('notebook paths go with --refresh or --check')
+    if a.refresh:
+        res = refresh_outputs(a.notebooks or None, n_workers=a.workers)
+        bad = [r['notebook'] for r in res if not r['ok']]
+        print(f"refreshed {len(res)} notebooks: {sum(r['cells_with_output'] for r in res)} cells with outputs, "
+              f"{sum(r['figures'] for r in res)} figures" + (f"; a cell failed in: {', '.join(bad)}" if bad else ''))
+        return 1 if bad else 0
+    if a.check:
+        here = Path.cwd(); os.chdir(project_root())
+        try:
+            n_bad = 0
+            for nbp in _notebooks(a.notebooks or None):
+                for i, line in stale_cells(nbp): n_bad += 1; print(f'{nbp.name} cell {i}: edited after its outputs were written: {line}')
+                for i, was, now in check_outputs(nbp):
+                    n_bad += 1; print(f'{nbp.name} cell {i}: output changed\n  committed: {was[:300]!r}\n  now:       {now[:300]!r}')
+        finally: os.chdir(here)
+        print('outputs are current' if not n_bad else f'{n_bad} stale outputs; run: vlm-nb docs --refresh ' + ' '.join(a.notebooks or []))
+        return 1 if n_bad else 0
     try: idx = render_docs(a.out, use_quarto=False if (a.no_quarto or a.execute) else None, execute=a.execute)
     except Exception as e: print(f'error: docs build failed: {type(e).__name__}: {e}', file=sys.stderr); return 1
     n = len(list(idx.parent.glob('*.html')))
     print(json.dumps({'index': str(idx), 'pages': n}) if a.json else f'wrote {n} pages; open {idx}')
     return 0
+
+# %% ../nbs/15_cli.ipynb #82802ce7
+_HASH_KEY = 'vlm_nb_src'   # cell metadata: hash of the source that produced the cell's outputs
+
+def _src_hash(src) -> str:
+    import hashlib
+    return hashlib.sha1((''.join(src) if isinstance(src, list) else src).strip().encode()).hexdigest()[:12]
+
+def _run_env() -> dict:
+    return {**os.environ, 'MPLBACKEND': 'Agg', 'PYTHONHASHSEED': '0', 'CUDA_VISIBLE_DEVICES': '', 'HF_HUB_OFFLINE': '1',
+            'TRANSFORMERS_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'TQDM_DISABLE': '1', 'GRADIO_ANALYTICS_ENABLED': 'False'}
+
+def _executed_copy(nbp:Path) -> tuple[dict, bool]:
+    "Execute a copy of `nbp` in a fresh python process (cwd: the notebook's folder); its JSON and whether every cell passed."
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix='vlm_nb_run_') as d:
+        tmp = Path(d)/nbp.name; shutil.copyfile(nbp, tmp)
+        code = ('import sys; from pathlib import Path; from vlm_nb.cli import execute_notebook; '
+                'sys.exit(0 if execute_notebook(Path(sys.argv[1]), Path(sys.argv[2])) else 1)')
+        r = subprocess.run([sys.executable, '-c', code, str(tmp), str(nbp.parent)], env=_run_env(), cwd=nbp.parent,
+                           capture_output=True, text=True)
+        if not tmp.exists() or r.returncode not in (0, 1): raise RuntimeError(f'{nbp.name}: execution failed: {r.stderr[-1500:]}')
+        return json.loads(tmp.read_text()), r.returncode == 0
+
+def refresh_notebook(nbp, # a notebook to execute and write back with its outputs
+                    ) -> dict:
+    "Execute `nbp` (see `execute_notebook`), write the outputs into the notebook as it is on disk now, then `nbdev_clean` it."
+    import time
+    from nbdev.clean import nbdev_clean
+    nbp = Path(nbp).resolve(); t0 = time.time()
+    ran, ok = _executed_copy(nbp)
+    done = {c.get('id'): c for c in ran['cells'] if c['cell_type'] == 'code'}
+    nb = json.loads(nbp.read_text())      # read again: only cells whose source did not change meanwhile take outputs
+    n_out = n_img = 0
+    for c in nb['cells']:
+        if c['cell_type'] != 'code': continue
+        r = done.get(c.get('id'))
+        if r is None or _src_hash(r['source']) != _src_hash(c['source']): continue
+        c['outputs'] = [o for o in r.get('outputs', []) if not (o.get('name') == 'stderr' and '\r' in ''.join(o.get('text', '')))]
+        c.setdefault('metadata', {}).pop(_HASH_KEY, None)
+        if c['outputs']: c['metadata'][_HASH_KEY] = _src_hash(c['source'])
+        n_out += bool(c['outputs']); n_img += sum('image/png' in o.get('data', {}) for o in c['outputs'])
+    nbp.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
+    nbdev_clean(fname=str(nbp))
+    return dict(notebook=nbp.stem, ok=ok, cells_with_output=n_out, figures=n_img, seconds=round(time.time() - t0, 1))
+
+def _notebooks(files=None) -> list:
+    from nbdev.config import get_config
+    if files: return [Path(f).resolve() for f in files]
+    return sorted(p for p in Path(get_config().nbs_path).glob('*.ipynb') if not p.name.startswith('_'))
+
+def refresh_outputs(files=None, # notebooks (default: every notebook in nbs/)
+                    n_workers:int=1, # notebooks executed at once
+                   ) -> list:
+    "Execute notebooks in place with their outputs and figures, deterministically, as the docs show them; one dict per notebook."
+    from concurrent.futures import ThreadPoolExecutor
+    here = Path.cwd(); os.chdir(project_root())
+    try:
+        nbs = _notebooks(files)
+        with ThreadPoolExecutor(max(1, n_workers)) as ex:
+            res = []
+            for r in ex.map(refresh_notebook, nbs):
+                print(json.dumps(r), file=sys.stderr, flush=True); res.append(r)
+        return res
+    finally: os.chdir(here)
+
+def stale_cells(nbp, # a notebook
+               ) -> list:
+    "Cells whose committed outputs were written for a different source (edited since): [(index, first line)]."
+    nb = json.loads(Path(nbp).read_text())
+    return [(i, ''.join(c['source']).splitlines()[0][:60] if c['source'] else '') for i, c in enumerate(nb['cells'])
+            if c['cell_type'] == 'code' and c.get('outputs') and c.get('metadata', {}).get(_HASH_KEY) != _src_hash(c['source'])]
+
+_VOLATILE = [(r' at 0x[0-9a-fA-F]+', ''),   # nbdev_clean drops ' at 0x…' from reprs
+             (r'0x[0-9a-fA-F]+', '0x…'), (r'(/private)?/tmp/[^\s\'"),\]]+', '/tmp/…'), (r'/[^\s\'"]*/vlm_nb_\w+', '/tmp/…'),
+             (r'\d+(\.\d+)?\s*(ms|s|sec|seconds|minutes|it/s|s/it|MB|GB|MiB|GiB|KiB|kB)\b', 'N units'),
+             (r'\d{4}-\d\d-\d\d[ T]\d\d:\d\d(:\d\d(\.\d+)?)?', 'DATE'), (r'[^\n]*\r', '')]
+
+def output_text(cell) -> str:
+    "The text a cell shows (streams, results, errors; figures as a count), with what varies between runs masked."
+    parts = []
+    for o in cell.get('outputs', []):
+        d = o.get('data', {})
+        if 'text' in o: parts.append(''.join(o['text']))
+        elif 'image/png' in d: parts.append('<figure>')
+        elif 'text/plain' in d: parts.append(''.join(d['text/plain']))
+        elif o.get('output_type') == 'error': parts.append(f"{o.get('ename')}: {o.get('evalue')}")
+    s = '\n'.join(parts)
+    for pat, rep in _VOLATILE: s = re.sub(pat, rep, s)
+    return s.strip()
+
+def check_outputs(nbp, # a notebook committed with outputs
+                 ) -> list:
+    "Re-execute `nbp` and list the cells whose masked text outputs differ from the committed ones (cells that time something aside): [(index, committed, now)]."
+    nbp = Path(nbp).resolve()
+    old = json.loads(nbp.read_text())['cells']
+    new = {c.get('id'): c for c in _executed_copy(nbp)[0]['cells']}
+    timed = lambda c: re.search(r'time\.(time|perf_counter|monotonic)\(|timeit', ''.join(c['source']))   # measures time: varies by nature
+    return [(i, output_text(c), output_text(new[c['id']])) for i, c in enumerate(old)
+            if c['cell_type'] == 'code' and c.get('id') in new and not timed(c) and output_text(c) != output_text(new[c['id']])]
 
 # %% ../nbs/15_cli.ipynb #6963ed5e
 #| eval: false

@@ -19,7 +19,7 @@ from .sft import SFTConfig, SFTDataset, train_sft
 from transformers import TrainerCallback
 from .engine import ToolEngine, GenConfig
 from .eval import run_tool_eval, score_trajectories, plot_trajectory, read_train_log, training_curves, wilson_ci, METRIC_KEYS
-from .grpo import GRPOConfig, train_grpo, load_tasks, generate_group
+from .grpo import GRPOConfig, RewardWeights, train_grpo, load_tasks, generate_group
 from tqdm.auto import tqdm
 from matplotlib.figure import Figure
 
@@ -29,7 +29,7 @@ __all__ = ['DEMO_SYSTEM', 'REPORT_KEYS', 'LONGER_RUNS', 'DemoConfig', 'cell_name
            'TrainingBudget', 'stage_path', 'run_stage', 'build_demo_data', 'demo_adapter_opts', 'make_demo_model',
            'load_demo_model', 'chance_level', 'demo_engine', 'ci95', 'mean_ci95', 'evaluate_model', 'train_demo_sft',
            'publish_model', 'grpo_demo', 'plot_before_after', 'plot_per_kind', 'plot_losses', 'smooth', 'plot_grpo',
-           'acceptance', 'report_md', 'write_report', 'run_demo', 'summary_text', 'demo_main']
+           'acceptance', 'failed_checks', 'report_md', 'write_report', 'run_demo', 'summary_text', 'demo_main']
 
 # %% ../nbs/14_demo.ipynb #9bd1ba67
 DEMO_SYSTEM = ("Tools: <tool_call>Crop [x1, y1, x2, y2]</tool_call> zooms into a box of the image; "
@@ -57,18 +57,20 @@ class DemoConfig:
     layers: int = 2                # text model layers
     vision_hidden: int = 64        # vision tower width
     vision_layers: int = 2         # vision tower layers
-    steps: int = 600               # SFT optimizer steps (tool model and tool-free baseline alike)
+    steps: int = 1200              # SFT optimizer steps (tool model and tool-free baseline alike); 600 left seed 1 at 0.43 on the digits
     batch_size: int = 8
     lr: float = 2e-3
     max_new_tokens: int = 40       # generation budget per answer (model-written tokens; a full answer is about 30)
     baseline: bool = True          # also train and evaluate the tool-free baseline on the same questions
     grpo_sft_steps: int = 400      # SFT steps of the deliberately under-trained starting point of GRPO
-    grpo_steps: int = 100          # GRPO steps (one batch of rollouts each)
+    grpo_steps: int = 200          # GRPO steps (one batch of rollouts each)
     grpo_prompts: int = 8          # prompts per GRPO step
     grpo_generations: int = 8      # completions per prompt
     grpo_iterations: int = 2       # optimizer passes over each batch of rollouts (the second is clipped, PPO-style)
     grpo_lr: float = 1e-4
     grpo_temperature: float = 0.7  # sampling temperature of the rollouts (1.0 made a tiny model's rollouts mostly garbage)
+    grpo_gated: bool = True        # crop, identity and format rewards only with a right answer (`RewardWeights.gated`)
+    grpo_scale: str = 'batch'      # advantage scaling: 'batch' std (tiny shaping differences in a group are not blown up), 'group' or 'none'
     quick: bool = False            # tiny sizes for tests and the notebook
 
 def _rng(*parts) -> random.Random: return random.Random(':'.join(map(str, ('vlm_nb.demo',) + parts)))
@@ -389,7 +391,8 @@ def grpo_demo(cfg:DemoConfig, model_dir, out, seconds:float|None=None # wall-tim
                     steps=cfg.grpo_steps, prompts_per_step=cfg.grpo_prompts, num_generations=cfg.grpo_generations,
                     num_iterations=cfg.grpo_iterations, max_new_tokens=cfg.max_new_tokens, max_turns=3, lr=cfg.grpo_lr,
                     temperature=cfg.grpo_temperature, seed=cfg.seed, progress=not cfg.quick, save_every=max(1, cfg.grpo_steps//4),
-                    freeze=[], scheduler='constant', warmup_ratio=0.0)   # the vision tower must keep learning to read the crop
+                    freeze=[], scheduler='constant', warmup_ratio=0.0,   # the vision tower must keep learning to read the crop
+                    rewards=RewardWeights(gated=cfg.grpo_gated), scale_rewards=cfg.grpo_scale)
     tasks = load_tasks(d/'train.json')
     run = lambda: train_grpo(gc, tasks=tasks, model=model, adapter=ad, registry=eng.registry,
                              rollout_fn=lambda task, G, seeds: generate_group(eng, task, G, seeds, gc, d))
@@ -406,7 +409,8 @@ def grpo_demo(cfg:DemoConfig, model_dir, out, seconds:float|None=None # wall-tim
     return {k: s[k] for k in ('steps', 'tool_calls_executed', 'tool_failures', 'reward_first', 'reward_last', 'rewards', 'rollouts', 'final')} | \
            {'reward_answer': [round(r.get('reward/answer', 0.0), 4) for r in log], 'calls_per_rollout': [round(r['calls_per_rollout'], 3) for r in log],
             'prompts_per_step': gc.prompts_per_step, 'num_generations': gc.num_generations, 'num_iterations': gc.num_iterations,
-            'lr': gc.lr, 'temperature': gc.temperature,
+            'lr': gc.lr, 'temperature': gc.temperature, 'gated': gc.rewards.gated, 'scale_rewards': gc.scale_rewards,
+            'entropy': [None if r.get('entropy') is None else round(r['entropy'], 4) for r in log],
             'train_seconds': round(time.perf_counter() - t0, 2), 'time_budget_seconds': seconds}
 
 # %% ../nbs/14_demo.ipynb #f3e39eb4
@@ -510,20 +514,29 @@ def acceptance(rep:dict) -> dict:
            'crop_intervals_disjoint': None if acc_b is None else a['answer_accuracy_ci95'][0] > b['answer_accuracy_ci95'][1]}
     if rep.get('grpo'):
         g = rep['grpo']
-        out |= {'grpo_gain_at_least_0.1': _num(g['after']['answer_accuracy']) >= _num(g['before']['answer_accuracy']) + 0.1,
-                'grpo_n_at_least_100': g['after']['n'] >= 100, 'grpo_no_self_written_tool_responses': g['self_written_tool_response_rate'] == 0}
+        gb, ga = g['before'], g['after']
+        out |= {'grpo_gain_at_least_0.15': _num(ga['answer_accuracy']) >= _num(gb['answer_accuracy']) + 0.15,
+                'grpo_intervals_disjoint': bool(ga.get('answer_accuracy_ci95')) and bool(gb.get('answer_accuracy_ci95'))
+                                           and ga['answer_accuracy_ci95'][0] > gb['answer_accuracy_ci95'][1],
+                'grpo_n_at_least_100': ga['n'] >= 100, 'grpo_no_self_written_tool_responses': g['self_written_tool_response_rate'] == 0}
     return out | {'all': all(v is not False for v in out.values())}
+
+def failed_checks(acc:dict # the `acceptance` of a report
+                 ) -> list:
+    "The names of the acceptance checks that failed (`None`, a check that does not apply, is not a failure)."
+    return [k for k, v in acc.items() if k != 'all' and v is False]
 
 def _fmt(v): return '–' if v is None else f'{v:.3f}' if isinstance(v, float) else str(v)
 def _acc(m): return f"{_fmt(m.get('answer_accuracy'))} [{', '.join(_fmt(x) for x in m.get('answer_accuracy_ci95') or [])}]"
 
 LONGER_RUNS = ("Measured on this task (seed 0, the same 106 held-out questions): after 300 SFT steps the model reads 20 % of the "
                "card digits and names 30 % of the people correctly (the boxes are already exact), after 400 steps 47 % and 61 %; "
-               "after 600 steps (the default) both are at 100 %. Reading the digit and copying the tool's answer are the last skills to appear; the tool-free "
-               "baseline stays near chance on the digits (600 steps: 0.12 against chance 0.10), because they are not in its input. "
-               "So the default run is at this task's ceiling: `--minutes M` trains more steps on more scenes (50 per minute, up "
-               "to 1000), which cannot raise it here; a budget below the default's (about 2 CPU minutes per model) stops before "
-               "the reading is learned.")
+               "after 600 steps both are at 100 %. Reading the digit and copying the tool's answer are the last skills to appear, and "
+               "when the reading appears depends on the seed: at 600 steps seed 1 read only 33–43 % of the digits, at 1200 steps (the "
+               "default) seeds 0–4 read 100, 100, 95, 82 and 100 %. The tool-free baseline stays near chance on the digits (0.08–0.12 "
+               "against chance 0.10), because they are not in its input. So the default run is at this task's ceiling: `--minutes M` "
+               "trains more steps on more scenes (50 per minute, up to 1000), which cannot raise it here; a budget below the default's "
+               "stops before the reading is learned.")
 
 def report_md(rep:dict) -> str:
     "The Markdown report: metric table, per-kind accuracy with 95 % intervals, acceptance checks, GRPO, timings and figures."
@@ -545,7 +558,9 @@ def report_md(rep:dict) -> str:
         g = rep['grpo']; gb, ga = g['before'], g['after']
         lines += ['## GRPO', '', f"Starting point: a deliberately under-trained SFT model ({g['sft_steps']} SFT steps instead of "
                   f"{rep['sft'].get('steps')}). {g['steps']} GRPO steps × {g['prompts_per_step']} prompts × {g['num_generations']} "
-                  f"rollouts (lr {g['lr']}, temperature {g.get('temperature')}, {g.get('num_iterations', 1)} optimizer passes per batch), "
+                  f"rollouts (lr {g['lr']}, temperature {g.get('temperature')}, {g.get('num_iterations', 1)} optimizer passes per batch, "
+                  f"{'shaping rewards only with a right answer' if g.get('gated') else 'ungated shaping rewards'}, advantages scaled by the "
+                  f"{g.get('scale_rewards', 'group')} std), "
                   f"{g['tool_calls_executed']} tool calls executed inside the rollouts; mean reward "
                   f"{_fmt(g['reward_first'])} (first step) → {_fmt(g['reward_last'])} (last step), smoothed "
                   f"{_fmt(round(smooth(g['rewards'])[-1], 4) if g['rewards'] else None)}.", '',
@@ -638,14 +653,17 @@ def summary_text(rep:dict) -> str:
            f"{'chance accuracy':34s} {_fmt(rep['chance_accuracy']):>8s}", 'answer accuracy per kind after SFT [95% CI]:', *pk]
     if rep.get('grpo'):
         g = rep['grpo']
-        out.append(f"grpo: {g['sft_steps']} SFT steps then {g['steps']} GRPO steps, answer accuracy {_acc(g['before'])} -> {_acc(g['after'])}, "
+        gb, ga = g['before'], g['after']
+        out.append(f"grpo: {g['sft_steps']} SFT steps then {g['steps']} GRPO steps, answer accuracy {_acc(gb)} -> {_acc(ga)}, "
                    f"reward {_fmt(g['reward_first'])} -> {_fmt(g['reward_last'])}")
+        out += [f"  {k:32s} {_acc(gb['per_kind'].get(k, {}))} -> {_acc(v)}" for k, v in ga.get('per_kind', {}).items()]
+        out.append(f"  {'tool calls per answer':32s} {_fmt(gb.get('tool_calls_per_answer'))} -> {_fmt(ga.get('tool_calls_per_answer'))}")
     out.append('acceptance: ' + ', '.join(f"{k}={'–' if v is None else 'yes' if v else 'NO'}" for k, v in rep['acceptance'].items()))
     return '\n'.join(out + [f"wall time {rep['wall_seconds']:.0f} s, CPU {rep['cpu_seconds']:.0f} s, trained model in {rep['models']['model']}"])
 
 def demo_main(argv:list|None=None # arguments after `vlm-nb demo`
              ) -> int:
-    "`vlm-nb demo`: the main job end to end on synthetic data, offline, on a CPU."
+    "`vlm-nb demo`: the main job end to end on synthetic data, offline, on a CPU; exits 3 (failing checks named on stderr) when the learning proof fails."
     p = argparse.ArgumentParser(prog='vlm-nb demo', description='Synthetic scenes -> crop-tool and identity datasets -> SFT of a tiny '
         'model on CPU, and a tool-free baseline on the same questions -> tool-augmented inference on held-out scenes, evaluated before '
         'and after training -> report.json, report.md and figures in DIR; the trained model is DIR/model. Deterministic for a seed '
@@ -656,7 +674,7 @@ def demo_main(argv:list|None=None # arguments after `vlm-nb demo`
     p.add_argument('--grpo', action='store_true', help='also run GRPO with tools in the rollouts, from an under-trained SFT model, '
                    'evaluated before and after on the held-out questions')
     p.add_argument('--minutes', type=float, default=None, help='wall-time budget of the training stages in minutes (met within about 20 %%): '
-                   'steps and training scenes are sized to fill it; default: the fixed 600-step run (about 2 CPU minutes per model)')
+                   'steps and training scenes are sized to fill it; default: the fixed 1200-step run (about 3 CPU minutes per model)')
     p.add_argument('--quick', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--json', action='store_true', help='print the report as JSON instead of the summary')
     try: a = p.parse_args(argv)
@@ -667,4 +685,6 @@ def demo_main(argv:list|None=None # arguments after `vlm-nb demo`
     try: rep = run_demo(cfg, log=(lambda *x: None) if a.json else print)
     except (OSError, ValueError) as e: print(f'error: {e}', file=sys.stderr); return 1
     print(json.dumps(rep) if a.json else summary_text(rep) + f"\nreport: {Path(cfg.out)/'report.md'}")
+    bad = failed_checks(rep['acceptance'])
+    if bad: print(f"acceptance failed: {', '.join(bad)} (report: {Path(cfg.out)/'report.md'})", file=sys.stderr); return 3
     return 0

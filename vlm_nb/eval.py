@@ -709,7 +709,7 @@ def sample_images(ref: Reference, images_root) -> list:
     return [keyed_image(load_image(p, images_root), p) for p in ref.images]
 
 def _engine_module():
-    try: import vlm_nb.engine as e
+    try: import vlm_nb.engine as e; import vlm_nb.batch   # vlm_nb.batch gives ToolEngine its batched loop (generate_batch)
     except ImportError as err: raise ImportError(f'vlm_nb.engine is not available ({err})') from None
     return e
 
@@ -739,6 +739,8 @@ def run_tool_eval(engine, # object with `run(images, prompt, **overrides) -> Tra
     "`{seed: [trajectory per reference]}`; each trajectory's `meta` gets the sample id and the seed."
     from tqdm.auto import tqdm
     refs, out = [as_reference(r) for r in references], {}
+    try: import vlm_nb.batch   # a local ToolEngine's batched loop (generate_batch) lives there
+    except ImportError: pass
     batched = hasattr(engine, 'generate_batch')
     for seed in seeds:
         trajs = [None]*len(refs)
@@ -914,9 +916,9 @@ def _eval_tools(argv):
         name = a.trajectories
     else:
         if a.server:
-            e = _engine_module()
-            remote = getattr(e, 'RemoteToolEngine', None) or getattr(e, 'RemoteEngine', None)
-            if remote is None: raise CliError('--server needs the remote client of vlm_nb.engine, which is not available')
+            _engine_module(); import vlm_nb.infer as e
+            remote = getattr(e, 'RemoteEngine', None)
+            if remote is None: raise CliError('--server needs the remote client of vlm_nb.infer, which is not available')
             mk = lambda tools: remote(a.server, tools='default' if tools else None, gallery=str(gpath) if (tools and gallery) else None)
             name = a.server
         else:
@@ -932,8 +934,11 @@ def _eval_tools(argv):
     if a.trajectories:
         rep['malformed_trajectories'] = {'count': len({i for i, _ in probs}), 'problems': len(probs),
                                          'examples': [f'record {i}: {m}' for i, m in probs[:10]]}
-    if a.out: _write_tool_outputs(a.out, rep, runs, nt_runs, refs, a.images, a.figures)
     print(json.dumps(rep) if a.json else report_markdown(rep))
+    if a.out:
+        _write_tool_outputs(a.out, rep, runs, nt_runs, refs, a.images, a.figures)
+        o = Path(a.out)   # stderr, so that --json output stays one JSON document
+        print(f'wrote the report to {o/"report.md"} and {o/"report.json"}, trajectories to {o/"trajectories"}/, figures to {o/"figures"}/', file=sys.stderr)
     return 0
 
 def eval_tools_main(argv: list|None=None # arguments after `vlm-nb eval tools`

@@ -20,15 +20,15 @@ from .sft import LoraSettings, apply_overrides, config_path, config_yaml
 from .models import CHECKPOINT_META, checkpoint_meta, resolve_model, budget_shares
 
 # %% auto #0
-__all__ = ['CROP_CALL_COST', 'REWARD_FUNCS', 'Rollout', 'simulate_rollout', 'GRPOTask', 'task_from_record', 'synthetic_tasks',
-           'load_tasks', 'answer_text', 'reward_answer', 'reward_identity', 'best_assignment', 'reward_crop',
-           'reward_format', 'penalty_self_response', 'penalty_empty_answer', 'penalty_turn_budget', 'RewardWeights',
-           'score_rollout', 'group_advantages', 'token_logprobs', 'loss_weights', 'per_token_loss', 'policy_loss',
-           'GRPOConfig', 'load_grpo_config', 'resolve_device', 'resolve_dtype', 'warmup_steps', 'lr_factor',
-           'TokenRecorder', 'jitter_box', 'scripted_prefix', 'rollout_from_trajectory', 'generate_groups',
+__all__ = ['CROP_CALL_COST', 'REWARD_FUNCS', 'SHAPING', 'Rollout', 'simulate_rollout', 'GRPOTask', 'task_from_record',
+           'synthetic_tasks', 'load_tasks', 'answer_text', 'reward_answer', 'reward_identity', 'best_assignment',
+           'reward_crop', 'reward_format', 'penalty_self_response', 'penalty_empty_answer', 'penalty_turn_budget',
+           'RewardWeights', 'score_rollout', 'group_advantages', 'token_logprobs', 'loss_weights', 'per_token_loss',
+           'policy_loss', 'GRPOConfig', 'load_grpo_config', 'resolve_device', 'resolve_dtype', 'warmup_steps',
+           'lr_factor', 'TokenRecorder', 'jitter_box', 'scripted_prefix', 'rollout_from_trajectory', 'generate_groups',
            'generate_group', 'prepare_policy', 'rollout_inputs', 'rollout_logprobs', 'save_checkpoint',
            'latest_checkpoint', 'load_checkpoint', 'step_stats', 'dist_backend', 'dist_close', 'batch_reward_stats',
-           'step_advantages', 'train_grpo', 'train_grpo_main', 'demo_grpo']
+           'step_advantages', 'rollout_backend', 'train_grpo', 'train_grpo_main', 'demo_grpo']
 
 # %% ../nbs/08_grpo.ipynb #43b4e8c3
 @dataclass(eq=False)
@@ -273,12 +273,15 @@ class RewardWeights:
     self_response: float = 1.0
     empty_answer: float = 1.0
     turn_budget: float = 0.5
+    gated: bool = False       # pay the shaping rewards (identity, crop, format) only with a right answer: no reward is earnable without it
+
+SHAPING = ('identity', 'crop', 'format')
 
 def score_rollout(r: Rollout, task: GRPOTask, weights: RewardWeights|None=None) -> dict:
-    "Every reward of `r` plus their weighted sum under 'total'."
-    w = asdict(weights or RewardWeights())
+    "Every reward of `r` plus their weighted sum under 'total' (with `weights.gated`, the shaping terms count only when the answer is right)."
+    w = asdict(weights or RewardWeights()); gated = w.pop('gated')
     out = {k: float(f(r, task)) for k, f in REWARD_FUNCS.items()}
-    out['total'] = sum(w[k]*v for k, v in out.items())
+    out['total'] = sum(w[k]*v for k, v in out.items() if not (gated and k in SHAPING and out['answer'] <= 0))
     return out
 
 # %% ../nbs/08_grpo.ipynb #7bef4c01
@@ -403,13 +406,16 @@ class GRPOConfig:
     device: str = 'auto'             # 'auto': cuda:LOCAL_RANK when CUDA is available, else 'cpu'; or e.g. 'cuda:1', 'cpu'
     dtype: str = 'auto'              # 'auto': bfloat16 on a GPU that supports it, else float32; or 'float32' | 'bfloat16' | 'float16'
     progress: bool = False           # tqdm bar over steps
+    rollout_backend: str = 'local'   # 'local' (the batched ToolEngine) | 'vllm' (a vLLM server generates, tools run here; see vlm_nb.vllm_backend)
+    vllm_url: str|None = None        # rollout_backend 'vllm': a running server (`grpo_server`), e.g. http://127.0.0.1:8000/v1; None starts one
     deepspeed: str|None = None       # 'zero0' | 'zero1' | 'zero2' | 'zero2_offload' (shipped configs) or a DeepSpeed JSON path; ZeRO-3 is refused
 
     def check(self):
         "Raise ValueError for inconsistent settings."
         opts = {'mode': ('lora', 'full'), 'loss_type': ('grpo', 'token', 'dr_grpo'), 'scale_rewards': ('group', 'batch', 'none'),
                 'over_budget': ('penalize', 'mask'), 'scripted': ('none', 'call'), 'scheduler': ('cosine', 'linear', 'constant'),
-                'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
+                'dtype': ('auto', 'float32', 'bfloat16', 'float16'),
+                'rollout_backend': ('local', 'vllm')}
         for k, ok in opts.items():
             if getattr(self, k) not in ok: raise ValueError(f"{k} must be one of {', '.join(map(repr, ok))}, not {getattr(self, k)!r}")
         if self.num_generations < 2: raise ValueError('num_generations must be >= 2 (advantages are relative to the group)')
@@ -555,7 +561,8 @@ def rollout_from_trajectory(traj, # `vlm_nb.engine.Trajectory`
 
 def _group_requests(engine, task: GRPOTask, G: int, seeds: list, cfg: GRPOConfig, image_root=None) -> tuple:
     "(engine `Request`s, their `TokenRecorder`s) for G completions of `task`; the requests share the task's images, so one prefill serves the group."
-    from vlm_nb.engine import ForcedContinuation, Request
+    from vlm_nb.engine import ForcedContinuation
+    from vlm_nb.batch import Request
     images, reqs, recs = task.pil_images(image_root), [], []
     for g in range(G):
         rec, procs, n_forced = TokenRecorder(), [], 0
@@ -577,7 +584,7 @@ def generate_groups(engine, # a `vlm_nb.engine.ToolEngine`
                     backoff: dict|None=None, # {'batch': rows, 'oom_retries': n}: the rows to try (halved and kept on OOM); default from `cfg.rollout_batch`
                    ) -> list:
     "G rollouts of each task (one list per task), all decoded together by the engine's batched loop; on out-of-memory the batch is halved and retried."
-    from vlm_nb.engine import is_oom
+    from vlm_nb.batch import is_oom   # (importing vlm_nb.batch also gives ToolEngine its run_batch)
     backoff = {'batch': cfg.rollout_batch, 'oom_retries': 0} if backoff is None else backoff
     while True:
         reqs, recs = [], []                       # fresh requests (recorders, forced prefixes) for every try
@@ -894,6 +901,15 @@ def _light(r: Rollout) -> Rollout:
     "A copy of `r` for the step statistics of another process (no images or ids)."
     return Rollout(r.segments, r.calls, r.finish, r.max_turns, None, r.roles, r.prompt_len, meta=r.meta)
 
+# %% ../nbs/08_grpo.ipynb #a7c1b0e2
+def rollout_backend(cfg: GRPOConfig, rollout_fn, # the run; a caller's rollout function (wins over the config)
+                    model, adapter, registry, base, image_root=None):
+    "None for local rollouts; for `rollout_backend: vllm` a `vlm_nb.vllm_backend.VLLMRollouts` (a `rollout_fn` with `sync(step)` and `close()`)."
+    if cfg.rollout_backend == 'local' or rollout_fn is not None: return None
+    from vlm_nb.vllm_backend import VLLMRollouts        # lazily: vllm_backend builds on this module
+    return VLLMRollouts(cfg, model, adapter, registry, base, image_root)
+
+
 # %% ../nbs/08_grpo.ipynb #57e394f9
 def _load_data(cfg: GRPOConfig) -> tuple:
     "(tasks, gallery, image_root) for `cfg.data`."
@@ -988,6 +1004,8 @@ def train_grpo(cfg: GRPOConfig, # the run
         if not rank: atomic_write_text(log_path, ''.join(json.dumps(r) + '\n' for r in _read_log(log_path) if r['step'] <= start))
     elif log_path.exists() and not rank: log_path.unlink()
     engine = ToolEngine(inner, adapter, tools=registry)
+    backend = rollout_backend(cfg, rollout_fn, model, adapter, registry, base, root)   # 'vllm': rollouts on a server, weights synced each step
+    if backend is not None: rollout_fn = backend
     G, W = cfg.num_generations, cfg.rewards
     backoff = {'batch': cfg.rollout_batch, 'oom_retries': 0}
     it = range(start, cfg.steps)
@@ -1017,7 +1035,7 @@ def train_grpo(cfg: GRPOConfig, # the run
         Wt = loss_weights(M, cfg.loss_type, cfg.max_new_tokens, n_rows=_all_sum(len(masks), world), n_tokens=_all_sum(int(M.sum()), world)).to(dev)
         M = M.to(dev)
         model.train(); old = {}
-        losses, clips, kls = [], [], []
+        losses, clips, kls, ents = [], [], [], []     # ents: -log p of the sampled tokens, an estimate of the policy's entropy at `temperature`
         todo = [j for j in range(len(rollouts)) if M[j].any() and not (adv[j] == 0 and cfg.beta == 0)]
         batches = [todo[k:k + cfg.logprob_batch] for k in range(0, len(todo), cfg.logprob_batch)]
         def batch_loss(k, itn):
@@ -1025,6 +1043,7 @@ def train_grpo(cfg: GRPOConfig, # the run
             js = batches[k]; rs = [rollouts[j] for j in js]
             logp, _ = rollout_logprobs(inner, adapter, rs, cfg.temperature, cfg.logprob_chunk)
             if itn == 0: old[k] = logp.detach()
+            if itn == 0: ents.extend(float(-(logp[i].detach()*M[js[i], :logp.shape[1]]).sum())/max(int(M[js[i], :logp.shape[1]].sum()), 1) for i in range(len(js)))
             reflp = None
             if cfg.beta > 0:
                 with torch.no_grad():
@@ -1063,10 +1082,12 @@ def train_grpo(cfg: GRPOConfig, # the run
             rollouts, scores, valid, clips, kls = ([x for p in parts for x in p[k]] for k in range(5))
         rec = {'step': step + 1, 'loss': losses[-1], 'grad_norm': gn, 'lr': lr, **step_stats(rollouts, scores, valid),
                'clip_frac': float(np.mean(clips)) if clips else 0., 'kl': float(np.mean(kls)) if kls else 0.,
+               'entropy': float(np.mean(ents)) if ents else None,
                'tasks': [tasks[i].id for i in idx], 'gen_s': round(t_gen, 3), 'step_s': round(time.time() - ts, 3)}
         if rollout_fn is None: rec['rollout_batch'] = backoff['batch']
         if backoff['oom_retries']: rec['oom_retries'] = backoff['oom_retries']
         if world > 1: rec['world_size'] = world
+        if backend is not None: rec.update(backend.sync(step + 1))    # the new weights to vLLM, checked
         if not rank: _append_log(log_path, rec)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(out, step + 1, model, opt, cfg, cfg.save_total_limit, dse, rank, world)
@@ -1074,6 +1095,7 @@ def train_grpo(cfg: GRPOConfig, # the run
     last = out/'checkpoints'/f'step-{cfg.steps:06d}'/'model'          # full mode: the last checkpoint's weights, linked
     if not rank: _save_final(model, adapter, base, out/'final', last if last.is_dir() else None)
     _barrier(world)
+    vs = backend.close() if backend is not None else {}
     log = _read_log(log_path)
     return {'steps': len(log), 'tool_calls_executed': sum(r['tool_calls_executed'] for r in log),
             'tool_failures': sum(r['tool_failures'] for r in log),
@@ -1082,7 +1104,7 @@ def train_grpo(cfg: GRPOConfig, # the run
             'grad_norm_last': log[-1]['grad_norm'] if log else None,
             'rollouts': len(log)*cfg.prompts_per_step*G, 'resumed_from': resumed, 'mode': cfg.mode,
             'family': adapter.family, 'output_dir': str(out), 'log': str(log_path), 'final': str(out/'final'),
-            'world_size': world, 'rank': rank, 'seconds': round(time.time() - t0, 2)}
+            'world_size': world, 'rank': rank, 'seconds': round(time.time() - t0, 2), **vs}
 
 # %% ../nbs/08_grpo.ipynb #85b2ddc5
 def train_grpo_main(argv: list|None=None # command-line arguments after `vlm-nb train grpo`

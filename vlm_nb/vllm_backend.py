@@ -4,24 +4,28 @@
 
 # %% ../nbs/06c_vllm.ipynb #c47ca53a
 from __future__ import annotations
-import os, re, shlex, shutil, importlib, importlib.util, importlib.metadata, io, sys, json, time, signal, socket, tempfile, argparse, subprocess, threading, urllib.request, urllib.error
+import os, re, random, atexit, shlex, shutil, importlib, importlib.util, importlib.metadata, io, sys, json, time, signal, socket, tempfile, argparse, subprocess, threading, urllib.request, urllib.error
 from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
 from .data import Sample, Turn
-from .tools import default_registry, parse_tool_calls
+from .tools import default_registry, parse_tool_calls, ToolCallDetector, ToolCall, ToolResult, TOOL_CALL_CLOSE
 from .models import resolve_model, family_of, load_model, make_tiny, record_tool_layout, tool_layout_of, find_shared, FAMILIES
-from .sequences import build_sequence, pad_collate, TRAINED
-from dataclasses import replace
-from .engine import ToolEngine, RemoteEngine, GenConfig, Request
+from .sequences import build_sequence, pad_collate, TRAINED, TOOL_RESPONSE, IMAGE
+from dataclasses import replace, asdict
+from .engine import ToolEngine, GenConfig, Trajectory, ForcedContinuation
+from .batch import Request
+from .infer import RemoteEngine
+from .grpo import TokenRecorder, rollout_from_trajectory, scripted_prefix   # grpo imports this module only lazily (its rollout_backend hook)
+
 
 # %% auto #0
-__all__ = ['VLLM_VENV_VAR', 'OVIS_IMAGE_PAD_ID', 'PARITY_SCRIPT', 'PARITY_BODY', 'PARITY_QUESTION', 'GRPO_VLLM_PENDING',
-           'vllm_venv', 'vllm_python', 'vllm_version', 'vllm_missing_reason', 'serve_args', 'serve_command',
-           'serve_env', 'VLLMServer', 'chat', 'parity_photo', 'vllm_ids', 'tool_conversation', 'check_prompt_ids',
-           'check_rendered', 'check_greedy', 'memorize', 'rollout_speed', 'check_family_served', 'bench_vllm',
-           'serve_main']
+__all__ = ['VLLM_VENV_VAR', 'OVIS_IMAGE_PAD_ID', 'PARITY_SCRIPT', 'PARITY_BODY', 'PARITY_QUESTION', 'vllm_venv', 'vllm_python',
+           'vllm_version', 'vllm_missing_reason', 'serve_args', 'serve_command', 'serve_env', 'VLLMServer', 'chat',
+           'parity_photo', 'vllm_ids', 'tool_conversation', 'check_prompt_ids', 'check_rendered', 'check_greedy',
+           'memorize', 'rollout_speed', 'check_family_served', 'bench_vllm', 'serve_main', 'served_models',
+           'vllm_trajectory', 'local_trajectory', 'check_rollout_ids', 'grpo_server', 'VLLMRollouts', 'grpo_vllm_run']
 
 # %% ../nbs/06c_vllm.ipynb #2dd52333
 VLLM_VENV_VAR = 'VLM_NB_VLLM_VENV'       # where scripts/vllm_cpu_env.sh builds (and this module looks for) the vLLM venv
@@ -111,8 +115,10 @@ class VLLMServer:
     def __init__(self, model, # checkpoint folder
                  port:int|None=None, log:str|Path|None=None, # log file (default: a temp file)
                  timeout:float=600, # seconds to wait for the server to answer
-                 kv_cache_gib:int=1, **serve_kw):
+                 kv_cache_gib:int=1, env:dict|None=None, # extra environment variables for the server
+                 **serve_kw):
         self.model, self.port, self.timeout, self.kv = Path(resolve_model(model).path), port or _free_port(), timeout, kv_cache_gib
+        self.env = dict(env or {})
         self.name = serve_kw.pop('served_name', None) or 'vlm_nb'
         self.cmd = serve_command(self.model, port=self.port, served_name=self.name, **serve_kw)
         self.log = Path(log) if log else Path(tempfile.mkstemp(prefix='vllm_serve_', suffix='.log')[1])
@@ -125,7 +131,8 @@ class VLLMServer:
         "Start the process and wait until it answers `/v1/models` (raises with the log's tail if it dies or times out)."
         t0 = time.perf_counter()
         with open(self.log, 'w') as fh:
-            self.proc = subprocess.Popen(self.cmd, stdout=fh, stderr=subprocess.STDOUT, env=serve_env(self.kv), start_new_session=True)
+            self.proc = subprocess.Popen(self.cmd, stdout=fh, stderr=subprocess.STDOUT, env={**serve_env(self.kv), **self.env}, start_new_session=True)
+        atexit.register(self.stop)                 # never outlive this process
         while not _healthy(self.url):
             if self.proc.poll() is not None or time.perf_counter() - t0 > self.timeout:
                 rc = self.proc.poll(); self.stop()
@@ -149,8 +156,8 @@ class VLLMServer:
 def chat(url:str, model:str, messages:list, # OpenAI chat messages
          max_tokens:int=1, timeout:float=300, **body)->dict:
     "One `/chat/completions` request (greedy unless `temperature` is given) returning the JSON, with vLLM's `prompt_token_ids` and output `token_ids`."
-    req = dict(model=model, messages=messages, max_tokens=max_tokens, temperature=0.0, return_token_ids=True,
-               skip_special_tokens=False, **body)
+    req = {**dict(model=model, messages=messages, max_tokens=max_tokens, temperature=0.0, return_token_ids=True,
+                  skip_special_tokens=False), **body}
     r = urllib.request.Request(url + '/chat/completions', data=json.dumps(req).encode(), headers={'Content-Type': 'application/json'})
     try:
         with urllib.request.urlopen(r, timeout=timeout) as f: return json.loads(f.read())
@@ -291,8 +298,6 @@ def rollout_speed(url:str, name:str, model, adapter, checkpoint, n:int=8, # traj
     return dict(local_tokens_per_s=round(nl / tl, 1), vllm_tokens_per_s=round(nv / tv, 1), ratio=round((nv / tv) / (nl / tl), 2),
                 trajectories=n, max_new_tokens=max_new_tokens)
 
-GRPO_VLLM_PENDING = dict(steps=0, weights_synced=False, tool_calls_executed=0,
-                         note='GRPO rollouts on vLLM need the `rollout_backend` hook in vlm_nb.grpo (see this notebook); not run')
 
 def check_family_served(family:str, out_dir:str|Path, # where the tiny checkpoint is written
                         greedy:bool=True, rollouts:bool=False, log:str|Path|None=None,
@@ -328,7 +333,7 @@ def bench_vllm(families:tuple|None=None, # default: every family (InternVL3.5, O
     if vllm_python() is None: raise RuntimeError(vllm_missing_reason())
     fams = list(families or FAMILIES)
     out = dict(vllm=vllm_version(), vocabulary='qwen3 (151,678 ids)' if find_shared() else 'fallback BPE', families={},
-               grpo_vllm=dict(GRPO_VLLM_PENDING), rollouts=None)
+               grpo_vllm=None, rollouts=None)
     with tempfile.TemporaryDirectory(prefix='vlm_nb_bench_vllm_') as d:
         for f in fams:
             t = time.perf_counter()
@@ -337,6 +342,14 @@ def bench_vllm(families:tuple|None=None, # default: every family (InternVL3.5, O
             if 'rollouts' in r: out['rollouts'] = dict(r.pop('rollouts'), family=f)
             r['wall_s'] = round(time.perf_counter() - t, 1)
             out['families'][f] = r
+        if not quick:                                   # GRPO on vLLM rollouts: 2 steps, LoRA pushed and checked after each
+            t = time.perf_counter()
+            try:
+                s = grpo_vllm_run(Path(d)/'grpo', steps=2)
+                out['grpo_vllm'] = dict(steps=s['steps'], weights_synced=s['weights_synced'], tool_calls_executed=s['tool_calls_executed'],
+                                        syncs=s['syncs'], context_mismatch=s['context_mismatch'], vllm_tokens_per_s=s['vllm_tokens_per_s'],
+                                        mode=s['mode'], family=s['family'], wall_s=round(time.perf_counter() - t, 1))
+            except Exception as e: out['grpo_vllm'] = dict(steps=0, weights_synced=False, tool_calls_executed=0, error=f'{type(e).__name__}: {str(e)[-1500:]}')
     return out
 
 # %% ../nbs/06c_vllm.ipynb #6c506c3e
@@ -363,3 +376,228 @@ def serve_main(argv:list|None=None)->int:
     if a.print: print(' '.join(shlex.quote(c) for c in cmd)); return 0
     print(f"serving {a.model} at http://{a.host}:{a.port}/v1 (tool layout {tool_layout_of(a.model)})", file=sys.stderr, flush=True)
     os.execve(cmd[0], cmd, serve_env(a.kv_cache_gib))
+
+# %% ../nbs/06c_vllm.ipynb #b26c0001
+def _post(url:str, path:str, body:dict|None=None, timeout:float=300)->str:
+    "POST JSON to a server path (`url` without `/v1`); the reply text (raises with the server's message on an HTTP error)."
+    r = urllib.request.Request(url.rstrip('/') + path, data=json.dumps(body or {}).encode(), headers={'Content-Type': 'application/json'})
+    try:
+        with urllib.request.urlopen(r, timeout=timeout) as f: return f.read().decode(errors='replace')
+    except urllib.error.HTTPError as e: raise RuntimeError(f"vLLM {path}: HTTP {e.code}: {e.read()[:1000].decode(errors='replace')}") from None
+
+def served_models(url:str)->list:
+    "The model names a server answers to (`/v1/models`): the base first, then loaded LoRA adapters."
+    with urllib.request.urlopen(url + '/models', timeout=10) as f: return [m['id'] for m in json.loads(f.read())['data']]
+
+def _template_kwargs(family:str, thinking)->dict:
+    "The `chat_template_kwargs` `RemoteEngine` sends (thinking as the local engine renders it)."
+    thinking = thinking if thinking is not None else (False if family == 'ovis2_5' else None)
+    kw = {} if thinking is None else {'enable_thinking': bool(thinking)}
+    return {**kw, 'keep_thinking': True} if family == 'ovis2_5' else kw
+
+def vllm_trajectory(url:str, name:str, # server and model (or LoRA adapter) name
+                    engine:ToolEngine, # the trainer's local engine: prompt rendering, tools and tool-result ids
+                    images:list, prompt:str, cfg:GenConfig,
+                    forced:list=(), # token ids the model is made to write first (a scripted prefix)
+                    timeout:float=300,
+                    chat_fn=None, # the request function (default `chat`; tests: a scripted stand-in)
+                   )->tuple:
+    "One tool-using answer generated by vLLM: (`Trajectory` whose `ids` hold the prompt, the exact token ids vLLM sampled and the local engine's tool-result ids, model-token positions, info)."
+    ad, tok = engine.adapter, engine.adapter.tokenizer
+    images = list(images)
+    ids, blocks, sys_ = engine.encode_prompt(images, prompt, cfg.thinking)
+    ids = list(ids)
+    rem = RemoteEngine('http://unused', name, tools=engine.registry, client=_NoClient(), family=ad.family, tool_layout='turn', system=sys_ or '')
+    msgs = ([{'role': 'system', 'content': sys_}] if sys_ else []) + [{'role': 'user', 'content': rem.content(engine.user_text(prompt, len(images)), images)}]
+    traj = Trajectory(prompt, images, system=sys_, prompt_len=len(ids), meta={'family': ad.family, 'backend': 'vllm', 'model': name})
+    det = ToolCallDetector(engine.registry.names if engine.registry else None)
+    greedy = cfg.greedy or cfg.temperature <= 0
+    body = dict(stop=[TOOL_CALL_CLOSE], include_stop_str_in_output=True, stop_token_ids=sorted(engine.eos_ids),   # the local engine's ends
+                logit_bias={str(i): -100 for i in engine.banned_ids})
+    if not greedy: body.update(temperature=cfg.temperature, top_p=cfg.top_p, **({'top_k': cfg.top_k} if cfg.top_k else {}),
+                               **({'min_p': cfg.min_p} if cfg.min_p else {}))
+    if cfg.repetition_penalty != 1.0: body['repetition_penalty'] = cfg.repetition_penalty
+    tkw = _template_kwargs(ad.family, cfg.thinking)
+    if tkw: body['chat_template_kwargs'] = tkw
+    positions, n_new, refused, finish, seg, assistant, n_blocks = [], 0, 0, None, 0, '', len(blocks)
+    pending, info = list(forced), dict(requests=0, context_mismatch=[], tokens=0)
+    t0 = time.perf_counter()
+    while finish is None:
+        if pending: out, reason, pending = pending, 'forced', []
+        else:
+            left = cfg.max_new_tokens - n_new
+            if left <= 0: finish = 'length'; break
+            req = msgs + ([rem.assistant_message(assistant, cfg.thinking)] if assistant else [])
+            extra = dict(continue_final_message=True, add_generation_prompt=False) if assistant else {}
+            r = (chat_fn or chat)(url, name, req, max_tokens=left, timeout=timeout, seed=(cfg.seed + 7919*info['requests']) % 2**31, **body, **extra)
+            info['requests'] += 1
+            if (r.get('prompt_token_ids') or []) != vllm_ids(ids): info['context_mismatch'].append(len(ids))   # vLLM re-rendered our context differently
+            ch = r['choices'][0]; out, reason = list(ch.get('token_ids') or []), ch.get('finish_reason')
+        start = len(ids); ids += out; positions += range(start, len(ids)); n_new += len(out)
+        eos = bool(out) and out[-1] in engine.eos_ids
+        piece = tok.decode(out[:-1] if eos else out, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        calls = det.feed(piece) if engine.registry else []
+        if engine.registry and not calls and out and out[-1] == engine.close_id:      # `</tool_call>` without an opening tag
+            end = len(det.text)
+            calls = [ToolCall('', raw=TOOL_CALL_CLOSE, start=end - len(TOOL_CALL_CLOSE), end=end, error='`</tool_call>` without an opening `<tool_call>`')]
+        assistant += piece
+        if not calls:
+            if reason == 'forced' and not eos: continue
+            finish = 'eos' if eos or reason == 'stop' else 'length'; break
+        for call in calls:
+            traj.add('text', det.text[seg:call.start]); seg = call.end
+            traj.add('tool_call', call.raw, name=call.name, bbox=call.bbox, error=call.error)
+            if traj.n_tool_calls >= cfg.max_tool_calls:
+                refused += 1
+                if refused > 1: finish = 'max_tool_calls'; break
+                res = ToolResult.error(f'tool-call limit reached ({cfg.max_tool_calls} calls); answer with what you have')
+            else: traj.n_tool_calls += 1; res = engine.registry.execute(images, call)
+            r_ids, b, at = engine.result_ids(res, cfg, n_blocks + 1)     # the ids the local engine injects, in the 'turn' layout
+            ids += r_ids; n_blocks += b is not None
+            traj.add('tool_result', res.response() or '', res.image, kind=res.kind, box=res.box, message=res.text, n_tokens=len(r_ids),
+                     **({'block': [at, len(b.token_ids)]} if b is not None else {}))
+            msgs += [rem.assistant_message(assistant, cfg.thinking), rem.tool_message(res)]; assistant = ''
+    traj.add('text', det.text[seg:])
+    traj.finish_reason, traj.n_new_tokens, traj.ids = finish, n_new, ids
+    traj.timings = {'total_s': time.perf_counter() - t0, 'requests': info['requests']}
+    info['tokens'] = n_new
+    return traj, positions, info
+
+def local_trajectory(engine:ToolEngine, images:list, prompt:str, cfg:GenConfig, forced:list=())->tuple:
+    "The same answer from the local engine: (`Trajectory`, model-token positions from a `TokenRecorder`)."
+    rec, procs = TokenRecorder(), ([ForcedContinuation(engine.adapter.tokenizer, list(forced), then='free')] if forced else [])
+    tr = engine.run(images, prompt, [*procs, rec], **{k: v for k, v in asdict(cfg).items()})
+    return tr, rec.positions
+
+# %% ../nbs/06c_vllm.ipynb #b26c0003
+def check_rollout_ids(url:str, name:str, engine:ToolEngine, task, # a `GRPOTask`
+                      cfg, # a `GRPOConfig` (its scripted prefix and budgets; decoding is greedy here)
+                      seed:int=0)->dict:
+    "One greedy rollout of `task` from vLLM and from the local engine, both made `Rollout`s: equal ids, equal trained-token mask, equal roles (tool results masked alike)."
+    images = task.pil_images()
+    pre = scripted_prefix(task, random.Random(seed), cfg.scripted_jitter, images[0].size if images else None) if cfg.scripted == 'call' else None
+    forced = engine.adapter.tokenizer.encode(pre, add_special_tokens=False) if pre else []
+    g = GenConfig(greedy=True, max_new_tokens=cfg.max_new_tokens + len(forced), max_tool_calls=cfg.max_turns, seed=seed)
+    lt, lpos = local_trajectory(engine, images, task.question, g, forced)
+    vt, vpos, info = vllm_trajectory(url, name, engine, images, task.question, g, forced)
+    a, b = (rollout_from_trajectory(t, p, cfg.max_turns, forced=len(forced)) for t, p in ((lt, lpos), (vt, vpos)))
+    return dict(ids_equal=a.ids == b.ids, mask_equal=bool(np.array_equal(a.roles == TRAINED, b.roles == TRAINED)),
+                roles_equal=bool(np.array_equal(a.roles, b.roles)), n_ids=len(a.ids), trained=int((a.roles == TRAINED).sum()),
+                masked_tool_tokens=int(np.isin(a.roles, (TOOL_RESPONSE, IMAGE)).sum()), tool_calls=a.n_calls, executed=a.n_executed,
+                context_mismatch=info['context_mismatch'], local=a, vllm=b)
+
+def grpo_server(model, # the checkpoint the policy starts from (base of a LoRA run)
+                mode:str='lora', lora_rank:int=8, log=None, **kw)->VLLMServer:
+    "A `VLLMServer` set up for GRPO rollouts: runtime LoRA loading (`--enable-lora`) or, for full fine-tuning, the development endpoints that reload weights."
+    extra = ['--enable-lora', '--max-lora-rank', str(max(8, lora_rank)), '--max-loras', '2'] if mode == 'lora' else []
+    return VLLMServer(model, log=log, extra=extra + list(kw.pop('extra', ())), env={'VLLM_ALLOW_RUNTIME_LORA_UPDATING': '1', 'VLLM_SERVER_DEV_MODE': '1'}, **kw)
+
+class VLLMRollouts:
+    "GRPO's `rollout_fn` on vLLM: (task, G, seeds) -> G `Rollout`s generated by a vLLM server (started here, or `cfg.vllm_url`), tools run here; `sync(step)` pushes the trainer's weights and checks them."
+    def __init__(self, cfg, # the run's `GRPOConfig` (`rollout_backend: vllm`)
+                 model, adapter, # the trainer's policy (PEFT-wrapped in LoRA mode) and its family adapter
+                 registry, base, # the tools; the checkpoint the policy started from (what the server serves)
+                 image_root=None, timeout:float=600):
+        from vlm_nb.grpo import _unwrap
+        if adapter.tool_layout != 'turn':
+            raise ValueError(f"rollout_backend 'vllm' needs a model in the 'turn' tool layout (a server cannot continue an assistant turn with "
+                             f"an image); this one uses {adapter.tool_layout!r}: set adapter: {{tool_layout: turn}} or train with it")
+        self.cfg, self.model, self.adapter, self.root, self.mode = cfg, model, adapter, image_root, cfg.mode
+        self.inner = _unwrap(model)
+        self.engine = ToolEngine(self.inner, adapter, tools=registry)
+        self.work = Path(cfg.output_dir)/'vllm_sync'
+        self.server = None
+        if cfg.vllm_url: self.url = cfg.vllm_url.rstrip('/')
+        else:
+            if int(os.environ.get('WORLD_SIZE', '1')) > 1: raise ValueError("several training processes: start one vLLM server (grpo_server) and set vllm_url")
+            self.server = grpo_server(base, cfg.mode, cfg.lora.r, log=Path(cfg.output_dir)/'vllm_server.log', timeout=timeout).start()
+            self.url = self.server.url
+        self.base_name = served_models(self.url)[0]
+        self.name, self.syncs, self.stats = self.base_name, [], dict(requests=0, context_mismatch=0, tokens=0, gen_s=0.)
+        self.sync(0)                                                    # the starting weights (LoRA: the initial adapter)
+    def __repr__(self): return f"VLLMRollouts({self.url!r}, mode={self.mode!r}, model={self.name!r}, syncs={len(self.syncs)})"
+    def __call__(self, task, G:int, seeds:list)->list:
+        "G rollouts of `task`, generated concurrently on the server (prefix caching shares the prompt)."
+        from concurrent.futures import ThreadPoolExecutor
+        c, images = self.cfg, task.pil_images(self.root)
+        def one(g):
+            forced = []
+            if c.scripted == 'call':
+                pre = scripted_prefix(task, random.Random(seeds[g]), c.scripted_jitter, images[0].size if images else None)
+                if pre: forced = self.adapter.tokenizer.encode(pre, add_special_tokens=False)
+            gc = replace(self.engine.config, seed=seeds[g], max_new_tokens=c.max_new_tokens + len(forced), max_tool_calls=c.max_turns,
+                         temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, greedy=False)
+            t, pos, info = vllm_trajectory(self.url, self.name, self.engine, images, task.question, gc, forced)
+            r = rollout_from_trajectory(t, pos, c.max_turns, forced=len(forced))
+            r.meta['context_mismatch'] = len(info['context_mismatch']); return r, info
+        t = time.perf_counter()
+        with ThreadPoolExecutor(G) as pool: out = list(pool.map(one, range(G)))
+        self.stats['gen_s'] += time.perf_counter() - t
+        for _, info in out:
+            self.stats['requests'] += info['requests']; self.stats['tokens'] += info['tokens']
+            self.stats['context_mismatch'] += len(info['context_mismatch'])
+        return [r for r, _ in out]
+    def push(self, step:int):
+        "Send the trainer's weights: LoRA -> save the adapter, load it under a new name (`/v1/load_lora_adapter`), drop the old one; full -> save the weights, `reload_weights` on every worker, reset the prefix, encoder and multimodal caches."
+        root, d = self.url[:-3] if self.url.endswith('/v1') else self.url, self.work/f'step-{step:06d}'
+        if d.exists(): shutil.rmtree(d)
+        if self.mode == 'lora':
+            self.model.save_pretrained(str(d))
+            new = f'policy-{step}'
+            _post(root, '/v1/load_lora_adapter', {'lora_name': new, 'lora_path': str(d.resolve())})
+            if self.name != self.base_name:
+                try: _post(root, '/v1/unload_lora_adapter', {'lora_name': self.name})
+                except RuntimeError: pass
+            self.name = new
+        else:
+            self.inner.save_pretrained(str(d))
+            _post(root, '/collective_rpc', {'method': 'reload_weights', 'kwargs': {'weights_path': str(d.resolve())}})
+            for path in ('/reset_prefix_cache', '/reset_encoder_cache', '/reset_mm_cache'): _post(root, path)   # nothing computed with the old weights survives
+        for old in sorted(self.work.glob('step-*'))[:-1]: shutil.rmtree(old, ignore_errors=True)
+    def check(self, max_new_tokens:int=8)->dict:
+        "vLLM's greedy continuation of a fixed prompt (the parity photo and question, tools on) against the trainer's."
+        g = GenConfig(greedy=True, max_new_tokens=max_new_tokens, max_tool_calls=1)
+        was = self.inner.training; self.inner.eval()
+        with torch.no_grad(): lt, _ = local_trajectory(self.engine, [parity_photo()], PARITY_QUESTION, g)
+        self.inner.train(was)
+        vt, _, _ = vllm_trajectory(self.url, self.name, self.engine, [parity_photo()], PARITY_QUESTION, g)
+        return dict(equal=lt.ids == vt.ids, local=lt.ids[lt.prompt_len:], vllm=vt.ids[vt.prompt_len:])
+    def sync(self, step:int)->dict:
+        "Push the weights after optimizer step `step` and check them: {'weights_synced': the greedy check agrees, 'sync_s': seconds}."
+        t = time.perf_counter(); err = None
+        try:
+            dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+            if not (step == 0 and self.mode == 'full'):                     # full mode starts from the served weights
+                if not dist or torch.distributed.get_rank() == 0: self.push(step)   # several trainers: rank 0 pushes, all use it
+                if dist: torch.distributed.barrier()
+                if self.mode == 'lora': self.name = f'policy-{step}'
+            chk = self.check()
+        except Exception as e: chk, err = dict(equal=False), f'{type(e).__name__}: {str(e)[-500:]}'
+        rec = dict(weights_synced=bool(chk['equal']), sync_s=round(time.perf_counter() - t, 2))
+        if not chk['equal']: rec['sync_error'] = err or f"greedy continuations differ: trainer {chk['local']} vLLM {chk['vllm']}"
+        self.syncs.append(dict(step=step, **rec))
+        return rec
+    def close(self)->dict:
+        "Stop the server (if started here); a summary for the run: syncs, whether every one checked out, rollout requests and tokens."
+        if self.server is not None: self.server.stop()
+        s = self.stats
+        return dict(rollout_backend='vllm', vllm_url=self.url, weights_synced=bool(self.syncs) and all(x['weights_synced'] for x in self.syncs),
+                    syncs=len(self.syncs), vllm_requests=s['requests'], vllm_tokens=s['tokens'], context_mismatch=s['context_mismatch'],
+                    vllm_tokens_per_s=round(s['tokens']/s['gen_s'], 1) if s['gen_s'] else None)
+
+# %% ../nbs/06c_vllm.ipynb #b26c0005
+def grpo_vllm_run(out_dir, # where the run writes (checkpoint, log, adapters pushed to vLLM)
+                  steps:int=2, family:str='qwen2_5_vl', mode:str='lora', # 'lora' (runtime adapters) or 'full' (weight reload)
+                  url:str|None=None, # a running `grpo_server` of the same checkpoint; None starts one
+                  checkpoint=None, # default: a vLLM-sized tiny `family` checkpoint in the 'turn' tool layout
+                  **overrides)->dict:
+    "A short GRPO run on vLLM rollouts (scripted first tool call, so every rollout runs a tool): the training summary with `weights_synced`."
+    from vlm_nb.grpo import GRPOConfig, train_grpo
+    out_dir = Path(out_dir)
+    ck = checkpoint or make_tiny(family, out_dir/'base', size='vllm')
+    if tool_layout_of(ck) != 'turn': record_tool_layout(ck, 'turn')
+    cfg = GRPOConfig(model=str(ck), output_dir=str(out_dir/'run'), mode=mode, steps=steps, prompts_per_step=2, num_generations=2,
+                     scripted='call', scripted_jitter=0.3, max_new_tokens=8, lr=1e-3, synthetic_images=2, rollout_backend='vllm',
+                     vllm_url=url, save_every=steps, resume=False, device='cpu', dtype='float32')
+    for k, v in overrides.items(): setattr(cfg, k, v)
+    return train_grpo(cfg)

@@ -346,14 +346,15 @@ def webui_parser()->argparse.ArgumentParser:
                                 'tool calls and their results stream; replay saved trajectories and eval runs. '
                                 'Binds 127.0.0.1 unless --host says otherwise; works offline.')
     src = p.add_mutually_exclusive_group()
-    src.add_argument('--model', help='local checkpoint folder (vlm_nb.models.load_model)')
+    src.add_argument('--model', help='a checkpoint folder, a training run folder (its final model) or a LoRA adapter folder')
     src.add_argument('--server', help='OpenAI-compatible server URL (e.g. http://127.0.0.1:8000/v1)')
     p.add_argument('--served-model', default=None, help='model name to request from --server')
     p.add_argument('--dialect', default='openai', choices=['openai', 'vllm'], help='request dialect for --server')
     p.add_argument('--host', default=DEFAULT_HOST, help='interface to bind (default 127.0.0.1; 0.0.0.0 exposes it on the network)')
     p.add_argument('--port', type=int, default=DEFAULT_PORT, help='port (default 7860)')
     p.add_argument('--tools', default='default', help="tools to offer: 'default', 'none' or names ('crop,identify')")
-    p.add_argument('--gallery', default=None, help='gallery JSON for Identify')
+    p.add_argument('--gallery', default=None, help='gallery JSON for Identify (default: a gallery.json beside the model, '
+                   'e.g. OUT/data of `vlm-nb demo`; a warning says when there is none)')
     p.add_argument('--device', default='cpu', help='torch device for --model')
     p.add_argument('--max-new-tokens', type=int, default=512, help='initial token budget')
     p.add_argument('--max-file-size', default=DEFAULT_MAX_FILE_SIZE, help="upload size limit (default '20mb')")
@@ -366,15 +367,17 @@ def webui_parser()->argparse.ArgumentParser:
 def make_engine(args):
     "The engine `webui_main` serves: a local `ToolEngine` for --model, the engine's remote client for --server, or None."
     tools = None if args.tools in ('none', '') else args.tools
+    from vlm_nb.infer import resolve_gallery
+    gallery = resolve_gallery(args.gallery, tools, args.model or args.served_model) if (args.model or args.server) else None
     if args.model:
         from vlm_nb.models import load_model
         from vlm_nb.engine import ToolEngine
         model, ad = load_model(args.model, device=args.device)
-        return ToolEngine(model, ad, tools=tools, gallery=args.gallery)
+        return ToolEngine(model, ad, tools=tools, gallery=gallery)
     if args.server:
-        from vlm_nb.engine import RemoteEngine
+        from vlm_nb.infer import RemoteEngine
         if not args.served_model: raise ValueError('--server needs --served-model NAME (the model name the server serves)')
-        return RemoteEngine(args.server, args.served_model, tools=tools, gallery=args.gallery, dialect=args.dialect)
+        return RemoteEngine(args.server, args.served_model, tools=tools, gallery=gallery, dialect=args.dialect)
     return None
 
 def webui_main(argv:list|None=None # arguments after `vlm-nb webui`
