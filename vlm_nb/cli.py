@@ -352,11 +352,11 @@ def output_text(cell) -> str:
 
 def check_outputs(nbp, # a notebook committed with outputs
                  ) -> list:
-    "Re-execute `nbp` and list the cells whose masked text outputs differ from the committed ones (cells that time something aside): [(index, committed, now)]."
+    "Re-execute `nbp` and list the cells whose masked text outputs differ from the committed ones (cells that time something or read ../shared aside): [(index, committed, now)]."
     nbp = Path(nbp).resolve()
     old = json.loads(nbp.read_text())['cells']
     new = {c.get('id'): c for c in _executed_copy(nbp)[0]['cells']}
-    timed = lambda c: re.search(r'time\.(time|perf_counter|monotonic)\(|timeit', ''.join(c['source']))   # measures time: varies by nature
+    timed = lambda c: re.search(r'time\.(time|perf_counter|monotonic)\(|timeit|shared_path\(|find_shared\(', ''.join(c['source']))   # measures time, or reads ../shared: varies by machine
     return [(i, output_text(c), output_text(new[c['id']])) for i, c in enumerate(old)
             if c['cell_type'] == 'code' and c.get('id') in new and not timed(c) and output_text(c) != output_text(new[c['id']])]
 
