@@ -333,7 +333,7 @@ def stale_cells(nbp, # a notebook
             if c['cell_type'] == 'code' and c.get('outputs') and c.get('metadata', {}).get(_HASH_KEY) != _src_hash(c['source'])]
 
 _VOLATILE = [(r' at 0x[0-9a-fA-F]+', ''),   # nbdev_clean drops ' at 0x…' from reprs
-             (r'0x[0-9a-fA-F]+', '0x…'), (r'(/private)?/tmp/[^\s\'"),\]]+', '/tmp/…'), (r'/[^\s\'"]*/vlm_nb_\w+', '/tmp/…'),
+             (r'0x[0-9a-fA-F]+', '0x…'), (r'(/private)?/tmp/[^\s\'"),\]]+', '/tmp/…'), (r'/[^\s\'"]*/vlm_nb_\w+', '/tmp/…'), (r'/[^\s\'"]*/(vlm_nb|nbs|tests)/', r'…/\1/'),
              (r'\d+(\.\d+)?\s*(ms|s|sec|seconds|minutes|it/s|s/it|MB|GB|MiB|GiB|KiB|kB)\b', 'N units'),
              (r'\d{4}-\d\d-\d\d[ T]\d\d:\d\d(:\d\d(\.\d+)?)?', 'DATE'), (r'[^\n]*\r', '')]
 
