@@ -66,7 +66,7 @@ class DemoConfig:
     grpo_steps: int = 200          # GRPO steps (one batch of rollouts each)
     grpo_prompts: int = 8          # prompts per GRPO step
     grpo_generations: int = 8      # completions per prompt
-    grpo_iterations: int = 2       # optimizer passes over each batch of rollouts (the second is clipped, PPO-style)
+    grpo_iterations: int = 4       # optimizer passes over each batch of rollouts (the later ones clipped, PPO-style; 2 learned too little)
     grpo_lr: float = 1e-4
     grpo_temperature: float = 0.7  # sampling temperature of the rollouts (1.0 made a tiny model's rollouts mostly garbage)
     grpo_gated: bool = True        # crop, identity and format rewards only with a right answer (`RewardWeights.gated`)
