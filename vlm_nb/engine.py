@@ -20,7 +20,7 @@ from .models import FamilyAdapter, load_model
 # %% auto #0
 __all__ = ['THINK_NUDGE', 'THINKING_SYSTEM_PROMPT', 'IMAGE_PLACEHOLDERS', 'GenConfig', 'sample_tokens', 'sample_token',
            'ForcedContinuation', 'TextChunk', 'ToolCallEvent', 'ToolResultEvent', 'Finish', 'Step', 'Trajectory',
-           'placeholder_ids', 'ToolEngine', 'user_message_text', 'standin_tokenizer_dir', 'bench_vocab',
+           'placeholder_ids', 'ToolEngine', 'user_message_text', 'call_tool', 'standin_tokenizer_dir', 'bench_vocab',
            'bench_tokenizer_dir', 'bench_toolloop']
 
 # %% ../nbs/06_engine.ipynb #546b5309
@@ -388,6 +388,26 @@ def encode_prompt(self:ToolEngine, images:list, prompt:str, thinking=None)->tupl
     blocks = [ad.image_block(im, n_images=len(images)) for im in images]   # prompt images split the budget
     return ad.encode_with_images(ad.render_prompt(msgs, enable_thinking=thinking), blocks), blocks, sys_
 
+# %% ../nbs/06_engine.ipynb #e98da2d0
+def call_tool(traj: Trajectory, # the answer so far: the call is recorded in it
+              call, # a parsed `ToolCall`
+              cfg: GenConfig, # `max_tool_calls` is the limit
+              registry, # the `ToolRegistry` that runs it
+              images: list, # the answer's input images
+              refused: int=0, # calls refused so far (over the limit)
+              ) -> tuple:
+    "Record `call` and run it within `cfg.max_tool_calls`: (result, refused); result None when a second refused call ends the answer."
+    traj.add('tool_call', call.raw, name=call.name, bbox=call.bbox, error=call.error)
+    if traj.n_tool_calls >= cfg.max_tool_calls:
+        refused += 1
+        if refused > 1: return None, refused
+        return ToolResult.error(f'tool-call limit reached ({cfg.max_tool_calls} calls); answer with what you have'), refused
+    traj.n_tool_calls += 1
+    t = time.perf_counter(); res = registry.execute(images, call)
+    if 'tool_s' in traj.timings: traj.timings['tool_s'] += time.perf_counter() - t     # the local engine times its tools
+    return res, refused
+
+
 # %% ../nbs/06_engine.ipynb #ae841831
 def _load_images(images)->list:
     "PIL images from None, one image/path, or a list of them (paths through `load_image`, which raises `ImageLoadError`)."
@@ -492,14 +512,8 @@ class _Row:
         new_ids, new_blocks = [tid], []
         for call in calls:
             traj.add('text', self.det.text[self.seg_start:call.start]); self.seg_start = call.end
-            traj.add('tool_call', call.raw, name=call.name, bbox=call.bbox, error=call.error)
-            if traj.n_tool_calls >= cfg.max_tool_calls:
-                self.refused += 1
-                if self.refused > 1: return self._end('max_tool_calls')
-                res = ToolResult.error(f'tool-call limit reached ({cfg.max_tool_calls} calls); answer with what you have')
-            else:
-                traj.n_tool_calls += 1
-                t = time.perf_counter(); res = e.registry.execute(self.images, call); traj.timings['tool_s'] += time.perf_counter() - t
+            res, self.refused = call_tool(traj, call, cfg, e.registry, self.images, self.refused)
+            if res is None: return self._end('max_tool_calls')
             self.events.append(ToolCallEvent(call, traj.n_tool_calls + self.refused))
             n_ctx = len(self.all_blocks) + len(new_blocks) + 1   # images in context with this result (`budget_shares`)
             r_ids, b, at = e.result_ids(res, cfg, n_ctx)    # in the adapter's tool layout ('inline' or 'turn')

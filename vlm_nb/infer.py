@@ -16,7 +16,7 @@ from .tools import (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RE
                           system_prompt, keyed_image, load_gallery)
 from .models import (load_model, check_family, check_tool_layout, content_items, family_of, tool_layout_of,
                            checkpoint_meta, DEFAULT_TOOL_LAYOUT)
-from .engine import (GenConfig, ToolEngine, Trajectory, TextChunk, ToolCallEvent, ToolResultEvent, Finish,
+from .engine import (GenConfig, ToolEngine, Trajectory, call_tool, TextChunk, ToolCallEvent, ToolResultEvent, Finish,
                            THINK_NUDGE, THINKING_SYSTEM_PROMPT, user_message_text, _as_registry, _load_images, _png_b64)
 from .batch import Request, is_oom, _run_one_by_one
 
@@ -351,12 +351,8 @@ def stream(self:RemoteEngine, images, prompt:str, **overrides)->Iterator:
             finish = 'length' if reason == 'length' else 'eos'; break
         for call in calls:
             traj.add('text', det.text[seg:call.start]); seg = call.end
-            traj.add('tool_call', call.raw, name=call.name, bbox=call.bbox, error=call.error)
-            if traj.n_tool_calls >= cfg.max_tool_calls:
-                refused += 1
-                if refused > 1: finish = 'max_tool_calls'; break
-                res = ToolResult.error(f'tool-call limit reached ({cfg.max_tool_calls} calls); answer with what you have')
-            else: traj.n_tool_calls += 1; res = self.registry.execute(images, call)
+            res, refused = call_tool(traj, call, cfg, self.registry, images, refused)
+            if res is None: finish = 'max_tool_calls'; break
             yield ToolCallEvent(call, traj.n_tool_calls + refused)
             traj.add('tool_result', res.response() or '', res.image, kind=res.kind, box=res.box, message=res.text)
             yield ToolResultEvent(call, res, traj.n_tool_calls + refused)

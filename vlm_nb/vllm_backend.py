@@ -14,7 +14,7 @@ from .tools import default_registry, parse_tool_calls, ToolCallDetector, ToolCal
 from .models import resolve_model, family_of, load_model, make_tiny, record_tool_layout, tool_layout_of, find_shared, FAMILIES
 from .sequences import build_sequence, pad_collate, TRAINED, TOOL_RESPONSE, IMAGE
 from dataclasses import replace, asdict
-from .engine import ToolEngine, GenConfig, Trajectory, ForcedContinuation
+from .engine import ToolEngine, GenConfig, Trajectory, ForcedContinuation, call_tool
 from .batch import Request
 from .infer import RemoteEngine
 from .grpo import TokenRecorder, rollout_from_trajectory, scripted_prefix   # grpo imports this module only lazily (its rollout_backend hook)
@@ -446,12 +446,8 @@ def vllm_trajectory(url:str, name:str, # server and model (or LoRA adapter) name
             finish = 'eos' if eos or reason == 'stop' else 'length'; break
         for call in calls:
             traj.add('text', det.text[seg:call.start]); seg = call.end
-            traj.add('tool_call', call.raw, name=call.name, bbox=call.bbox, error=call.error)
-            if traj.n_tool_calls >= cfg.max_tool_calls:
-                refused += 1
-                if refused > 1: finish = 'max_tool_calls'; break
-                res = ToolResult.error(f'tool-call limit reached ({cfg.max_tool_calls} calls); answer with what you have')
-            else: traj.n_tool_calls += 1; res = engine.registry.execute(images, call)
+            res, refused = call_tool(traj, call, cfg, engine.registry, images, refused)
+            if res is None: finish = 'max_tool_calls'; break
             r_ids, b, at = engine.result_ids(res, cfg, n_blocks + 1)     # the ids the local engine injects, in the 'turn' layout
             ids += r_ids; n_blocks += b is not None
             traj.add('tool_result', res.response() or '', res.image, kind=res.kind, box=res.box, message=res.text, n_tokens=len(r_ids),
