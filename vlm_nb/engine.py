@@ -178,8 +178,8 @@ class ForcedContinuation:
         elif self.then == 'eos': t = self.eos
         else: return logits
         self.i += 1
-        out = torch.full_like(logits, -math.inf); out[t] = 0.
-        return out
+        logits.fill_(-math.inf); logits[t] = 0.                   # in place: a row's logits are its own (`_Row.process`), so no [V] copy per token
+        return logits
 
 # %% ../nbs/06_engine.ipynb #a524c584
 @dataclass

@@ -978,7 +978,7 @@ def train_grpo(cfg: GRPOConfig, # the run
     rank, world = _dist(dev)
     out = Path(cfg.output_dir); out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed); np.random.seed(cfg.seed); torch.manual_seed(cfg.seed)
-    gal, root = None, None
+    gal, root = None, cfg.image_root           # given tasks: relative image paths resolve against cfg.image_root
     if tasks is None: tasks, gal, root = _load_data(cfg)
     if not tasks: raise ValueError('no tasks to train on')
     if registry is None:
