@@ -1034,7 +1034,7 @@ def train_grpo(cfg: GRPOConfig, # the run
         for j, m in enumerate(masks): M[j, :len(m)] = m
         Wt = loss_weights(M, cfg.loss_type, cfg.max_new_tokens, n_rows=_all_sum(len(masks), world), n_tokens=_all_sum(int(M.sum()), world)).to(dev)
         M = M.to(dev)
-        model.train(); old = {}
+        model.train(); old, refs = {}, {}
         losses, clips, kls, ents = [], [], [], []     # ents: -log p of the sampled tokens, an estimate of the policy's entropy at `temperature`
         todo = [j for j in range(len(rollouts)) if M[j].any() and not (adv[j] == 0 and cfg.beta == 0)]
         batches = [todo[k:k + cfg.logprob_batch] for k in range(0, len(todo), cfg.logprob_batch)]
@@ -1044,12 +1044,13 @@ def train_grpo(cfg: GRPOConfig, # the run
             logp, _ = rollout_logprobs(inner, adapter, rs, cfg.temperature, cfg.logprob_chunk)
             if itn == 0: old[k] = logp.detach()
             if itn == 0: ents.extend(float(-(logp[i].detach()*M[js[i], :logp.shape[1]]).sum())/max(int(M[js[i], :logp.shape[1]].sum()), 1) for i in range(len(js)))
-            reflp = None
-            if cfg.beta > 0:
+            reflp = refs.get(k)
+            if cfg.beta > 0 and reflp is None:          # the reference does not change: one forward per batch, not one per pass
                 with torch.no_grad():
                     if ref is not None: reflp, _ = rollout_logprobs(ref, adapter, rs, cfg.temperature, cfg.logprob_chunk)
                     else:
                         with model.disable_adapter(): reflp, _ = rollout_logprobs(inner, adapter, rs, cfg.temperature, cfg.logprob_chunk)
+                refs[k] = reflp
             ptl, clipped, kl = per_token_loss(logp, old[k], adv[js], reflp, cfg.beta, cfg.clip_eps, cfg.clip_eps_high)
             T = logp.shape[1]; mj = M[js, :T]
             for i in range(len(js)):
