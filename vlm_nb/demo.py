@@ -387,7 +387,7 @@ def grpo_demo(cfg:DemoConfig, model_dir, out, seconds:float|None=None # wall-tim
     "GRPO from `model_dir` on the training questions into `out/grpo/final`; returns steps, rewards and executed tool calls."
     d = Path(out)/'data'; gal = json.loads((d/'gallery.json').read_text())
     model, ad = load_demo_model(cfg, model_dir)
-    eng = demo_engine(model, ad, gal, cfg)        # its tools (Crop, Identify with the gallery); the system prompt comes from the checkpoint
+    tools = demo_engine(model, ad, gal, cfg).registry   # Crop, and Identify with the gallery; the system prompt comes from the checkpoint
     gc = GRPOConfig(model=str(model_dir), output_dir=str(Path(out)/'grpo'), mode='full', adapter=demo_adapter_opts(cfg),
                     steps=cfg.grpo_steps, prompts_per_step=cfg.grpo_prompts, num_generations=cfg.grpo_generations,
                     num_iterations=cfg.grpo_iterations, max_new_tokens=cfg.max_new_tokens, max_turns=3, lr=cfg.grpo_lr, beta=cfg.grpo_beta,
@@ -396,7 +396,7 @@ def grpo_demo(cfg:DemoConfig, model_dir, out, seconds:float|None=None # wall-tim
                     rewards=RewardWeights(gated=cfg.grpo_gated), scale_rewards=cfg.grpo_scale,
                     image_root=str(d), logprob_batch=16)   # all groups of a step decoded together; 16 rollouts per loss forward
     tasks = load_tasks(d/'train.json')
-    run = lambda: train_grpo(gc, tasks=tasks, model=model, adapter=ad, registry=eng.registry)
+    run = lambda: train_grpo(gc, tasks=tasks, model=model, adapter=ad, registry=tools)
     t0 = time.perf_counter()
     if seconds is not None:          # two steps measure the pace, then the run is sized to end on time
         gc.steps, gc.save_every = 2, 1; s = run()
