@@ -395,7 +395,8 @@ def bench_rollouts(json:bool=True, # print one JSON line (else a readable summar
                    repeats:int=3, # best of this many timings per arm, the arms taking turns (the smallest is the least disturbed by other work)
                    workdir:str|Path|None=None,
                    quick:bool=False, # a smoke run: 4 trajectories of 40 tokens
-                   checkpoint:str|Path|None=None, # a model folder to time instead of the tiny `family` model (`benchmarks/rollouts_gpu.py` writes a 1B-sized one)
+                   size:str='vllm', # the random model's width, a key of `TINY_SIZES`: 'vllm' (hidden 128, its own output head) or 'tiny' (hidden 32, head tied to the embeddings)
+                   checkpoint:str|Path|None=None, # a model folder to time instead of the random `family` model (`benchmarks/rollouts_gpu.py` writes a 1B-sized one)
                    device:str='cpu', dtype=None, # where and in what precision the model runs (e.g. 'cuda', torch.bfloat16)
                    temperature:float=0.0, # 0: greedy; else sampling at this temperature with top-k 20, top-p 0.95 and a seed per trajectory
                    sample_repeats:int=9, # timings of the sampling step (`bench_sampling`, 64 rows); 0 skips it
@@ -406,8 +407,8 @@ def bench_rollouts(json:bool=True, # print one JSON line (else a readable summar
     if quick: n, max_new_tokens = 4, 40
     work = Path(workdir or Path(tempfile.gettempdir())/'vlm_nb_bench')
     if checkpoint is None:
-        ck = work/f'rollouts_tiny_{family}_{bench_vocab()}'              # the real vocabulary's size, always
-        if not (ck/'config.json').exists(): make_tiny(family, ck, tokenizer_dir=bench_tokenizer_dir(family, work/f'tokenizer_{family}_{bench_vocab()}'))
+        ck = work/f'rollouts_{size}_{family}_{bench_vocab()}'             # the real vocabulary's size, always
+        if not (ck/'config.json').exists(): make_tiny(family, ck, tokenizer_dir=bench_tokenizer_dir(family, work/f'tokenizer_{family}_{bench_vocab()}'), size=size)
     else: ck = Path(checkpoint); family = family_of(ck)
     model, ad = load_model(ck, dtype=dtype, device=device,
                            **({'max_tiles': 1} if family == 'internvl3_5' else {'max_pixels': 224*224} if family != 'ovis2_5' else {}))
@@ -433,8 +434,9 @@ def bench_rollouts(json:bool=True, # print one JSON line (else a readable summar
             t = time.perf_counter(); outs[k] = f(); best[k] = min(best[k], time.perf_counter() - t)
     (t_seq, seq), (t_bat, bat) = (best['seq'], outs['seq']), (best['bat'], outs['bat'])
     toks = sum(t.n_new_tokens for t in seq)
-    V = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else len(tok)
-    res = {'family': family, 'n': n, 'max_new_tokens': max_new_tokens, 'temperature': temperature if temperature > 0 else 'greedy',
+    head = model.get_output_embeddings()
+    V, H = head.weight.shape if head is not None else (len(tok), None)
+    res = {'family': family, 'size': size if checkpoint is None else 'checkpoint', 'hidden': H, 'n': n, 'max_new_tokens': max_new_tokens, 'temperature': temperature if temperature > 0 else 'greedy',
            'vocab': len(tok), 'vocab_source': bench_vocab() if checkpoint is None else str(ck),
            'sequential_tokens_per_s': round(toks/t_seq, 1), 'batched_tokens_per_s': round(sum(t.n_new_tokens for t in bat)/t_bat, 1),
            'speedup': round(t_seq/t_bat, 2), 'identical': [t.ids for t in seq] == [t.ids for t in bat],

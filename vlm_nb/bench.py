@@ -13,7 +13,7 @@ __all__ = ['BENCHMARKS', 'READING', 'machine_info', 'run_benchmark', 'bench_main
 BENCHMARKS = {
     'collator': ('vlm_nb.sequences:bench_collator', 'sequence building vs the tokenizer floor (target ratio <= 1.5); padding waste with/without packing'),
     'toolloop': ('vlm_nb.engine:bench_toolloop', 'KV-cached tool loop vs re-prefill at every segment (target speedup >= 2, overhead <= 1.3)'),
-    'rollouts': ('vlm_nb.batch:bench_rollouts', '8 tool-using trajectories one by one vs in the batched loop, greedy or --temperature T (target speedup >= 4 on 2 CPU cores, identical tokens); one sampling step of 64 rows (target sample_ms_per_row <= 1)'),
+    'rollouts': ('vlm_nb.batch:bench_rollouts', '8 tool-using trajectories one by one vs in the batched loop on a random model (hidden 128, real vocabulary size), greedy or --temperature T (target speedup >= 4 on 2 CPU cores, identical tokens); one sampling step of 64 rows (target sample_ms_per_row <= 1)'),
     'train':    ('vlm_nb.sft_bench:bench_train', "tokens/s of vlm_nb's trainer vs TRL SFTTrainer, and the gain from packing"),
     'plan':     ('vlm_nb.sft_bench:bench_plan', 'preparing 10,000 crop samples for SFT on the real vocabulary (target ms_per_sample <= 2)'),
     'memory':   ('vlm_nb.sft_bench:bench_memory', 'peak RSS of `vlm-nb train sft` at 1,000 and 4,000 crop samples (target growth <= 0.05 GB per 1k, <= 4 GB)'),
@@ -28,6 +28,8 @@ READING = {
                  'overhead': 'KV-cached tool loop / plain generation: lower is better (target <= 1.3)'},
     'train':    {'ours_vs_trl': "vlm_nb's tokens/s / TRL's: higher is better", 'packing_gain': 'packed tokens/s / padded: higher is better'},
     'plan':     {'ms_per_sample': 'lower is better (target <= 2)'},
+    'rollouts': {'speedup': 'one-by-one time / batched time: higher is better (target >= 4)',
+                 'sample_ms_per_row': 'lower is better (target <= 1)'},
     'memory':   {'growth_gb_per_1k': 'lower is better (target <= 0.05)'},
 }
 
@@ -66,15 +68,17 @@ def run_benchmark(name: str, # a key of `BENCHMARKS`
     return _with_reading(name, res)
 
 def bench_main(argv=None):
-    "vlm-nb bench NAME [--json] [--quick] [--temperature T]"
+    "vlm-nb bench NAME [--json] [--quick] [--temperature T] [--size S]"
     p = argparse.ArgumentParser(prog='vlm-nb bench', description='Run a benchmark and print its numbers (ratios against a baseline).\n'
                                 + '\n'.join(f'  {k:<9} {h}' for k, (_, h) in BENCHMARKS.items()), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('name', choices=list(BENCHMARKS), help='which benchmark')
     p.add_argument('--json', action='store_true', help='print the result as one JSON object')
     p.add_argument('--quick', action='store_true', help='a smaller run (for smoke tests)')
     p.add_argument('--temperature', type=float, help='sampling temperature of benchmarks that generate (rollouts; default greedy)')
+    p.add_argument('--size', choices=['vllm', 'tiny'], help="width of the random model of benchmarks that build one (rollouts): 'vllm' hidden 128 (default), 'tiny' hidden 32")
     a = p.parse_args(argv)
-    try: res = run_benchmark(a.name, quick=a.quick, **({'temperature': a.temperature} if a.temperature is not None else {}))
+    opt = {k: v for k, v in (('temperature', a.temperature), ('size', a.size)) if v is not None}
+    try: res = run_benchmark(a.name, quick=a.quick, **opt)
     except Exception as e: print(f'error: benchmark {a.name} failed: {type(e).__name__}: {e}', file=sys.stderr); return 1
     if a.json: print(json.dumps(res))
     else:

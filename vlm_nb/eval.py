@@ -858,10 +858,14 @@ def _tools_args(argv):
                 'answer; Avg@k over seeds; JSON + Markdown report and figures.')
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument('--model', help='local checkpoint folder')
-    src.add_argument('--server', help='OpenAI-compatible base URL (needs the engine\'s remote client)')
+    src.add_argument('--server', help='OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (with --served-model)')
     src.add_argument('--trajectories', help='score canned trajectories (JSONL/JSON) instead of running a model')
     p.add_argument('--data', required=True, help='tool-calling dataset (.json/.jsonl, canonical conversations)')
     p.add_argument('--images', required=True, help='image root folder')
+    p.add_argument('--served-model', metavar='NAME', default=None, help='with --server: the model name the server serves '
+                   '(a local checkpoint folder also gives the family, tool layout and system prompt)')
+    p.add_argument('--dialect', choices=['openai', 'vllm'], default='openai', help="with --server: 'vllm' also sends top_k, "
+                   'repetition_penalty and continue_final_message')
     p.add_argument('--gallery', default=None, help='gallery.json for Identify (default: gallery.json beside --data, if any)')
     p.add_argument('--limit', type=int, default=None, help='first N samples')
     p.add_argument('--seeds', default='0', help='comma-separated sampling seeds; metrics are averaged over them (Avg@k)')
@@ -880,6 +884,7 @@ def _tools_args(argv):
     if not Path(a.data).exists(): raise CliError(f'data file not found: {a.data}')
     if not Path(a.images).is_dir(): raise CliError(f'image folder not found: {a.images}')
     if a.gallery and not Path(a.gallery).exists(): raise CliError(f'gallery not found: {a.gallery}')
+    if a.server and not a.served_model: raise CliError('--server needs --served-model NAME (the model name the server serves)')
     a.seeds = _seeds(a.seeds)
     return a
 
@@ -919,7 +924,9 @@ def _eval_tools(argv):
             _engine_module(); import vlm_nb.infer as e
             remote = getattr(e, 'RemoteEngine', None)
             if remote is None: raise CliError('--server needs the remote client of vlm_nb.infer, which is not available')
-            mk = lambda tools: remote(a.server, tools='default' if tools else None, gallery=str(gpath) if (tools and gallery) else None)
+            ck = a.served_model if (Path(a.served_model)/'config.json').is_file() else None
+            mk = lambda tools: remote(a.server, a.served_model, tools='default' if tools else None, gallery=str(gpath) if (tools and gallery) else None,
+                                      dialect=a.dialect, checkpoint=ck)
             name = a.server
         else:
             from vlm_nb.models import load_model

@@ -26,7 +26,7 @@ __all__ = ['CROP_CALL_COST', 'REWARD_FUNCS', 'SHAPING', 'Rollout', 'simulate_rol
            'RewardWeights', 'score_rollout', 'group_advantages', 'token_logprobs', 'loss_weights', 'per_token_loss',
            'policy_loss', 'GRPOConfig', 'load_grpo_config', 'resolve_device', 'resolve_dtype', 'warmup_steps',
            'lr_factor', 'TokenRecorder', 'jitter_box', 'scripted_prefix', 'rollout_from_trajectory', 'generate_groups',
-           'generate_group', 'prepare_policy', 'rollout_inputs', 'rollout_logprobs', 'save_checkpoint',
+           'generate_group', 'prepare_policy', 'rollout_inputs', 'inputs_to', 'rollout_logprobs', 'save_checkpoint',
            'latest_checkpoint', 'load_checkpoint', 'step_stats', 'dist_backend', 'dist_close', 'batch_reward_stats',
            'step_advantages', 'rollout_backend', 'train_grpo', 'train_grpo_main', 'demo_grpo']
 
@@ -379,6 +379,7 @@ class GRPOConfig:
     max_new_tokens: int = 256        # model-written tokens per completion (scripted prefix tokens come on top)
     max_turns: int = 4               # tool-call budget per completion
     rollout_batch: int = 64          # rollouts decoded together by the engine's batched loop (all groups of a step, up to this; halved on out-of-memory)
+    rollout_kv_tokens: int|None = None # most tokens the rollout batch's KV cache may hold (rows x widest row); a row waits while it would not fit (None: `rollout_batch` alone limits)
     logprob_batch: int = 4           # rollouts per teacher-forced forward of the loss (right-padded, each row with its own positions)
     logprob_chunk: int|None = 128    # completion tokens whose logits are built at once (128 x 151k ids: 78 MB of float32; None: `vlm_nb.logprobs.default_chunk`)
     gradient_checkpointing: bool = False # recompute the model's activations in backward (less memory, ~30% more compute)
@@ -422,6 +423,7 @@ class GRPOConfig:
         for k in ('steps', 'prompts_per_step', 'num_iterations', 'max_new_tokens', 'save_every', 'rollout_batch', 'logprob_batch'):
             if getattr(self, k) < 1: raise ValueError(f'{k} must be >= 1')
         if self.logprob_chunk is not None and self.logprob_chunk < 1: raise ValueError('logprob_chunk must be >= 1 (or null)')
+        if self.rollout_kv_tokens is not None and self.rollout_kv_tokens < 1: raise ValueError('rollout_kv_tokens must be >= 1 (or null)')
         if not 0 <= self.warmup_ratio < 1: raise ValueError('warmup_ratio must be in [0, 1)')
         bad = set(self.freeze) - {'vision', 'projector', 'llm'}
         if bad: raise ValueError(f"freeze: unknown part(s) {sorted(bad)}; expected any of 'vision', 'projector', 'llm'")
@@ -590,7 +592,8 @@ def generate_groups(engine, # a `vlm_nb.engine.ToolEngine`
         reqs, recs = [], []                       # fresh requests (recorders, forced prefixes) for every try
         for task, s in zip(tasks, seeds):
             q, r = _group_requests(engine, task, G, s, cfg, image_root); reqs += q; recs += r
-        try: trajs = engine.run_batch(reqs, max_batch=backoff['batch']) if reqs else []; break
+        kv = {'kv_tokens': cfg.rollout_kv_tokens} if cfg.rollout_kv_tokens else {}
+        try: trajs = engine.run_batch(reqs, max_batch=backoff['batch'], **kv) if reqs else []; break
         except Exception as e:
             if not is_oom(e) or backoff['batch'] <= 1: raise
             backoff['batch'] = max(1, backoff['batch']//2); backoff['oom_retries'] += 1
@@ -658,7 +661,11 @@ def rollout_inputs(adapter, rollouts: list, # `Rollout`s with ids, roles and ima
             n = len(r.ids); P[:, i, :n] = p[:, 0]; P[:, i, n:] = (p.max() + 1) + torch.arange(L - n)
         out['position_ids'] = P
     if blocks: out.update(adapter.collate_pixels(blocks))
-    out = {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+    return inputs_to(out, device, dtype)
+
+def inputs_to(x: dict, device, dtype=None) -> dict:
+    "`rollout_inputs` `x` on `device`, its float pixel inputs in `dtype` (built once on the host, moved for each forward)."
+    out = {k: v.to(device) if torch.is_tensor(v) else v for k, v in x.items()}
     if dtype is not None and 'pixel_values' in out and out['pixel_values'].is_floating_point(): out['pixel_values'] = out['pixel_values'].to(dtype)
     return out
 
@@ -1034,22 +1041,27 @@ def train_grpo(cfg: GRPOConfig, # the run
         for j, m in enumerate(masks): M[j, :len(m)] = m
         Wt = loss_weights(M, cfg.loss_type, cfg.max_new_tokens, n_rows=_all_sum(len(masks), world), n_tokens=_all_sum(int(M.sum()), world)).to(dev)
         M = M.to(dev)
-        model.train(); old, refs = {}, {}
+        model.train(); old, refs, built = {}, {}, {}
         losses, clips, kls, ents = [], [], [], []     # ents: -log p of the sampled tokens, an estimate of the policy's entropy at `temperature`
         todo = [j for j in range(len(rollouts)) if M[j].any() and not (adv[j] == 0 and cfg.beta == 0)]
         batches = [todo[k:k + cfg.logprob_batch] for k in range(0, len(todo), cfg.logprob_batch)]
+        def on(m, x): p = next(m.parameters()); return inputs_to(x, p.device, p.dtype)
         def batch_loss(k, itn):
             "The batch-weighted loss of the rollouts of batch k, one forward (their clip and KL statistics recorded)."
             js = batches[k]; rs = [rollouts[j] for j in js]
-            logp, _ = rollout_logprobs(inner, adapter, rs, cfg.temperature, cfg.logprob_chunk)
+            x = built.get(k)
+            if x is None:                               # the images preprocessed once per batch, kept for later passes
+                x = rollout_inputs(adapter, rs)
+                if cfg.num_iterations > 1: built[k] = x
+            logp, _ = rollout_logprobs(inner, adapter, rs, cfg.temperature, cfg.logprob_chunk, on(inner, x))
             if itn == 0: old[k] = logp.detach()
             if itn == 0: ents.extend(float(-(logp[i].detach()*M[js[i], :logp.shape[1]]).sum())/max(int(M[js[i], :logp.shape[1]].sum()), 1) for i in range(len(js)))
             reflp = refs.get(k)
             if cfg.beta > 0 and reflp is None:          # the reference does not change: one forward per batch, not one per pass
                 with torch.no_grad():
-                    if ref is not None: reflp, _ = rollout_logprobs(ref, adapter, rs, cfg.temperature, cfg.logprob_chunk)
+                    if ref is not None: reflp, _ = rollout_logprobs(ref, adapter, rs, cfg.temperature, cfg.logprob_chunk, on(ref, x))
                     else:
-                        with model.disable_adapter(): reflp, _ = rollout_logprobs(inner, adapter, rs, cfg.temperature, cfg.logprob_chunk)
+                        with model.disable_adapter(): reflp, _ = rollout_logprobs(inner, adapter, rs, cfg.temperature, cfg.logprob_chunk, on(inner, x))
                 refs[k] = reflp
             ptl, clipped, kl = per_token_loss(logp, old[k], adv[js], reflp, cfg.beta, cfg.clip_eps, cfg.clip_eps_high)
             T = logp.shape[1]; mj = M[js, :T]
