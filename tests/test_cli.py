@@ -38,3 +38,13 @@ def test_docs_check_catches_a_stale_output(cli, tmp_path):
         d['cells'][1]['source'] = 'print(6 * 8)'; nbp.write_text(json.dumps(d))
         r = cli('docs', '--check', nbp); assert r.returncode == 1 and 'edited after its outputs were written' in r.stdout
     finally: nbp.unlink(missing_ok=True)
+
+def test_bench_rollouts_size(cli, tmp_path):
+    "`vlm-nb bench rollouts --size tiny --quick --json` times the narrow model and says so; an unknown size is a one-line error."
+    r = cli('bench', 'rollouts', '--size', 'tiny', '--quick', '--json', env={'TMPDIR': str(tmp_path)}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (res['size'], res['hidden'], res['n'], res['identical'], res['vocab']) == ('tiny', 32, 4, True, 151_678)
+    assert 'higher is better' in res['speedup_means']
+    r = cli('bench', 'rollouts', '--size', 'huge')
+    assert r.returncode == 2 and 'huge' in r.stderr
