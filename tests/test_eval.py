@@ -326,3 +326,17 @@ def test_eval_tools_cli_server(synth, tmp_path, capsys):
         second = srv.seen[1]['messages']                                   # the crop comes back after the call, as an image
         assert 'Crop [0, 0, 40, 40]' in json.dumps(second[-2]) and 'image_url' in json.dumps(second[-1])
     finally: srv.srv.shutdown()
+
+
+def test_eval_tools_server_checkpoint_layout(synth, tmp_path, capsys):
+    "A local copy of the served checkpoint as --served-model gives its family and tool layout: an InternVL model trained with inline tool results is refused, with the reason."
+    pytest.importorskip('openai')
+    from vlm_nb.models import make_tiny
+    args = ['--server', 'http://127.0.0.1:9/v1', '--data', synth/'tool_data'/'train.json', '--images', synth/'images', '--limit', '1', '--json']
+    ivl = make_tiny('internvl3_5', tmp_path/'ivl'); capsys.readouterr()
+    rc, out, err = _run(eval_tools_main, args + ['--served-model', ivl], capsys)
+    assert rc != 0 and err.startswith('error: ') and "tool_layout 'inline'" in err and not out
+    from vlm_nb.webui import webui_parser, make_engine                  # the web UI reads the checkpoint the same way
+    a = webui_parser().parse_args(['--server', 'http://127.0.0.1:9/v1', '--served-model', str(make_tiny('qwen3_vl', tmp_path/'q3'))])
+    e = make_engine(a)
+    assert (e.family, e.tool_layout) == ('qwen3_vl', 'turn')

@@ -348,7 +348,8 @@ def webui_parser()->argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument('--model', help='a checkpoint folder, a training run folder (its final model) or a LoRA adapter folder')
     src.add_argument('--server', help='OpenAI-compatible server URL (e.g. http://127.0.0.1:8000/v1)')
-    p.add_argument('--served-model', default=None, help='model name to request from --server')
+    p.add_argument('--served-model', default=None, help='model name to request from --server (a local checkpoint folder '
+                   'also gives the family, tool layout and system prompt)')
     p.add_argument('--dialect', default='openai', choices=['openai', 'vllm'], help='request dialect for --server')
     p.add_argument('--host', default=DEFAULT_HOST, help='interface to bind (default 127.0.0.1; 0.0.0.0 exposes it on the network)')
     p.add_argument('--port', type=int, default=DEFAULT_PORT, help='port (default 7860)')
@@ -377,7 +378,8 @@ def make_engine(args):
     if args.server:
         from vlm_nb.infer import RemoteEngine
         if not args.served_model: raise ValueError('--server needs --served-model NAME (the model name the server serves)')
-        return RemoteEngine(args.server, args.served_model, tools=tools, gallery=gallery, dialect=args.dialect)
+        ck = args.served_model if (Path(args.served_model)/'config.json').is_file() else None   # as `vlm-nb infer` does
+        return RemoteEngine(args.server, args.served_model, tools=tools, gallery=gallery, dialect=args.dialect, checkpoint=ck)
     return None
 
 def webui_main(argv:list|None=None # arguments after `vlm-nb webui`
