@@ -67,6 +67,7 @@ class SFTConfig:
     lazy: bool = True               # plan sequences once (cached on disk), compute pixels per batch; False: all in memory
     cache_dir: str|None = None      # where plans are cached (default: output_dir/sequence_cache)
     group_by_length: bool = True    # batches of similar lengths (less padding), the batches in random order (kinds stay mixed)
+    shuffle: bool = True            # a seeded random order each epoch; False: the data file's order (a curriculum, or the same first batches whatever the data's size), without length grouping
     max_skip_fraction: float = 0.01 # refuse to train when more of the samples than this are skipped (each is named with its reason)
     prep_workers: int|None = None   # processes that prepare the data (None: up to 4, fewer for small datasets; 0: in this process)
     loss_impl: str = 'chunked'      # 'chunked': logits only at trained positions, chunk by chunk | 'liger' (CUDA) | 'model': the model's own loss
@@ -645,12 +646,13 @@ class VLMTrainer(Trainer):
     "`Trainer` whose loss goes through the family adapter (and counts tokens for `TrainStatsCallback`)."
     def __init__(self, *args, adapter=None, stats:TrainStatsCallback|None=None,
                  group_by_length:bool=False, # batches of similar lengths (the dataset's `lengths`)
+                 shuffle:bool=True, # False: the dataset's own order (no length grouping)
                  loss_impl:str='chunked', # 'chunked' (`vlm_nb.logprobs.causal_lm_loss`) | 'liger' (CUDA) | 'model' (the model's own loss)
                  loss_chunk_tokens:int|None=None, # positions per chunk of the chunked loss (None: about 256 MB of logits)
                  **kw):
         super().__init__(*args, **kw)
         if loss_impl not in ('chunked', 'liger', 'model'): raise ValueError(f"loss_impl must be 'chunked', 'liger' or 'model', not {loss_impl!r}")
-        self.adapter, self.stats, self.group_by_length = adapter, stats, group_by_length
+        self.adapter, self.stats, self.group_by_length, self.shuffle = adapter, stats, group_by_length, shuffle
         self.loss_impl, self.loss_chunk_tokens = loss_impl, loss_chunk_tokens
         self.model_accepts_loss_kwargs = True   # our loss is a sum over `num_items_in_batch` trained tokens
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -674,8 +676,9 @@ class VLMTrainer(Trainer):
         tp = self.get_tp_size() if hasattr(self, 'get_tp_size') else 1
         return self.accelerator.num_processes // max(tp, 1)
     def _get_train_sampler(self, train_dataset=None):
-        "Length-grouped sampling from the dataset's own `lengths` (no item is loaded to measure it)."
+        "Length-grouped sampling from the dataset's own `lengths` (no item is loaded to measure it); the dataset's order without `shuffle`."
         ds = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.shuffle: return torch.utils.data.SequentialSampler(ds)
         if not (self.group_by_length and hasattr(ds, 'lengths')): return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return EpochLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, list(ds.lengths), seed)
@@ -1010,7 +1013,7 @@ def train_sft(cfg:SFTConfig, # the run
     cbs.append(FingerprintCallback(fp))
     trainer = VLMTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          data_collator=SFTCollator(ad, cfg.packing, max_tokens=cfg.pack_max_tokens or cfg.max_length), callbacks=cbs, adapter=ad, stats=stats,
-                         group_by_length=cfg.group_by_length, loss_impl=cfg.loss_impl, loss_chunk_tokens=cfg.loss_chunk_tokens)
+                         group_by_length=cfg.group_by_length, shuffle=cfg.shuffle, loss_impl=cfg.loss_impl, loss_chunk_tokens=cfg.loss_chunk_tokens)
     if args.process_index == 0:
         atomic_write_json(out/'sft_config.json', asdict(cfg)); atomic_write_json(out/FINGERPRINT, fp)
         if ckpt is not None: print(resume_note, file=sys.stderr, flush=True)

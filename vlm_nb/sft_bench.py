@@ -93,7 +93,7 @@ def bench_train(json:bool=False, # print one JSON object (else a short table)
 # %% ../nbs/07a_sft_bench.ipynb #fd620177
 def crop_bench_data(out:str|Path, # folder for images/ and train.json
                     n:int=1000, seed:int=0, n_images:int=64)->Path:
-    "RefCOCO-style crop-tool conversations on COCO-sized images (files on disk), for memory and speed benchmarks."
+    "RefCOCO-style crop-tool conversations on COCO-sized images (files on disk), for memory and speed benchmarks; a smaller `n` gives the first samples of a larger one."
     from PIL import Image, ImageDraw
     from vlm_nb.sequences import bench_samples, _CROP_SYS
     from vlm_nb.data import save_samples
@@ -109,7 +109,7 @@ def crop_bench_data(out:str|Path, # folder for images/ and train.json
         names.append(f'{i:05d}.jpg'); im.save(out/'images'/names[-1], quality=90)
     samples, k = [], 0
     while len(samples) < n:
-        for s in bench_samples(max(64, n), seed + k):
+        for s in bench_samples(64, seed + k):                # 64 at a time whatever `n`: the data of n samples begins every larger one
             if s.system != _CROP_SYS or '<tool_call>' not in s.turns[-1].text: continue
             s.images = ['images/' + names[len(samples) % n_images]]; s.id = f'crop{len(samples)}'; samples.append(s)
             if len(samples) == n: break
@@ -149,7 +149,7 @@ def bench_memory(json:bool=False, # print one JSON object
             data = crop_bench_data(d/f'data{n}', n, seed)
             cfg = {'model': str(ckpt), 'train_data': str(data), 'output_dir': str(d/f'run{n}'), 'max_steps': steps,
                    'save_steps': 10**6, 'logging_steps': 1, 'progress': False, 'seed': seed, 'batch_size': batch_size, 'loss_impl': loss_impl,
-                   'group_by_length': False}   # length grouping trains the longest batch first: the peak would follow the data's longest sample, not its size
+                   'shuffle': False}   # the file's order: every size trains the same first batches (its first samples), so the peaks differ only by what the data's size costs
             (d/f'cfg{n}.json').write_text(_json.dumps(cfg))
             t0 = time.perf_counter(); r = _peak_rss_run(d/f'cfg{n}.json'); r['seconds'] = round(time.perf_counter() - t0, 1)
             rows.append(r)
