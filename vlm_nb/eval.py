@@ -924,9 +924,8 @@ def _eval_tools(argv):
             _engine_module(); import vlm_nb.infer as e
             remote = getattr(e, 'RemoteEngine', None)
             if remote is None: raise CliError('--server needs the remote client of vlm_nb.infer, which is not available')
-            ck = a.served_model if (Path(a.served_model)/'config.json').is_file() else None
             mk = lambda tools: remote(a.server, a.served_model, tools='default' if tools else None, gallery=str(gpath) if (tools and gallery) else None,
-                                      dialect=a.dialect, checkpoint=ck)
+                                      dialect=a.dialect, checkpoint=e.served_checkpoint(a.served_model))
             name = a.server
         else:
             from vlm_nb.models import load_model

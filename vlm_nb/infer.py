@@ -22,8 +22,8 @@ from .batch import Request, is_oom, _run_one_by_one
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'GALLERY_FILE', 'BatchItem', 'BatchItems', 'batch_items', 'run_with_oom_backoff', 'batch_infer',
-           'frame_indices', 'read_video', 'video_prompt', 'image_data_url', 'RemoteEngine', 'find_gallery',
-           'needs_gallery', 'resolve_gallery', 'infer_main']
+           'frame_indices', 'read_video', 'video_prompt', 'image_data_url', 'RemoteEngine', 'served_checkpoint',
+           'find_gallery', 'needs_gallery', 'resolve_gallery', 'infer_main']
 
 # %% ../nbs/06b_infer.ipynb #20b7aaa8
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
@@ -372,6 +372,11 @@ def run(self:RemoteEngine, images, prompt:str, **overrides)->Trajectory:
 # %% ../nbs/06b_infer.ipynb #a6b20012
 GALLERY_FILE = 'gallery.json'
 
+def served_checkpoint(name:str # the served model's name, as given to `RemoteEngine`
+                     )->str|None:
+    "`name` when it is also a local checkpoint folder (vLLM names a model it serves from a folder by its path): where `RemoteEngine` reads family, tool layout and system prompt; else None."
+    return name if name and (Path(name)/'config.json').is_file() else None
+
 def find_gallery(model=None, # a checkpoint, training run or LoRA adapter folder
                  source=None, # the input: an image, a video, a folder of images or a dataset file
                 )->Path|None:
@@ -482,7 +487,7 @@ def _infer(argv):
     tools = None if a.no_tools else a.tools
     if a.image and not Path(a.image).exists(): raise ValueError(f'image not found: {a.image}')
     if a.server:   # a served name that is a local model folder (vLLM's default name is the path) tells family, layout, system prompt
-        ck = a.served_model if Path(a.served_model).is_dir() and (Path(a.served_model)/'config.json').exists() else None
+        ck = served_checkpoint(a.served_model)
         gallery = resolve_gallery(a.gallery, tools, a.served_model, a.image or a.input or a.video)
         eng = RemoteEngine(a.server, a.served_model, tools, gallery, config=cfg, timeout=a.timeout, dialect=a.dialect, checkpoint=ck)
     else:

@@ -376,10 +376,10 @@ def make_engine(args):
         model, ad = load_model(args.model, device=args.device)
         return ToolEngine(model, ad, tools=tools, gallery=gallery)
     if args.server:
-        from vlm_nb.infer import RemoteEngine
+        from vlm_nb.infer import RemoteEngine, served_checkpoint
         if not args.served_model: raise ValueError('--server needs --served-model NAME (the model name the server serves)')
-        ck = args.served_model if (Path(args.served_model)/'config.json').is_file() else None   # as `vlm-nb infer` does
-        return RemoteEngine(args.server, args.served_model, tools=tools, gallery=gallery, dialect=args.dialect, checkpoint=ck)
+        return RemoteEngine(args.server, args.served_model, tools=tools, gallery=gallery, dialect=args.dialect,
+                            checkpoint=served_checkpoint(args.served_model))
     return None
 
 def webui_main(argv:list|None=None # arguments after `vlm-nb webui`
