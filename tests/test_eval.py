@@ -288,33 +288,12 @@ def test_eval_tools_batched_equals_one_by_one(synth, tiny, tmp_path, capsys):
     assert trajs(tmp_path/'o4') == trajs(tmp_path/'o1') and len(trajs(tmp_path/'o1')) == 4
 
 
-class _Chat:
-    "A minimal OpenAI-compatible chat server: a Crop call for a fresh question, an answer once a tool result came back."
-    def __init__(self):
-        import http.server, threading
-        seen = self.seen = []
-        class H(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a): pass
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
-                seen.append(body)
-                msgs = body['messages']
-                text = '<answer>7</answer>' if len(msgs) > 2 else '<tool_call>Crop [0, 0, 40, 40]</tool_call>'
-                out = json.dumps({'id': 'c', 'object': 'chat.completion', 'created': 0, 'model': body['model'],
-                                  'choices': [{'index': 0, 'message': {'role': 'assistant', 'content': text}, 'finish_reason': 'stop'}],
-                                  'usage': {'prompt_tokens': 1, 'completion_tokens': 1, 'total_tokens': 2}}).encode()
-                self.send_response(200); self.send_header('Content-Type', 'application/json')
-                self.send_header('Content-Length', str(len(out))); self.end_headers(); self.wfile.write(out)
-        self.srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), H)
-        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
-        self.url = f'http://127.0.0.1:{self.srv.server_address[1]}/v1'
-
-
 def test_eval_tools_cli_server(synth, tmp_path, capsys):
     "`eval tools --server URL --served-model NAME` runs the tool loop against a served model: its calls are executed and scored."
     pytest.importorskip('openai')
-    srv = _Chat()
-    try:
+    from vlm_nb.refcoco import StubChatServer
+    reply = lambda msgs: '<answer>7</answer>' if len(msgs) > 2 else '<tool_call>Crop [0, 0, 40, 40]</tool_call>'   # a call, then an answer once its result came back
+    with StubChatServer(reply, model='tiny-served') as srv:
         args = ['--server', srv.url, '--data', synth/'tool_data'/'train.json', '--images', synth/'images', '--limit', '2', '--json']
         rc, out, err = _run(eval_tools_main, args, capsys)                 # the name is required, and the error says so
         assert rc == 2 and '--served-model' in err and not out
@@ -322,10 +301,9 @@ def test_eval_tools_cli_server(synth, tmp_path, capsys):
         assert rc == 0, err
         m = json.loads(out)['metrics']
         assert (m['n'], m['tool_call_rate'], m['tool_call_validity'], m['turns_per_answer']) == (2, 1.0, 1.0, 2.0)
-        assert len(srv.seen) == 4 and {b['model'] for b in srv.seen} == {'tiny-served'}
-        second = srv.seen[1]['messages']                                   # the crop comes back after the call, as an image
+        assert len(srv.bodies) == 4 and {b['model'] for b in srv.bodies} == {'tiny-served'}
+        second = srv.bodies[1]['messages']                                 # the crop comes back after the call, as an image
         assert 'Crop [0, 0, 40, 40]' in json.dumps(second[-2]) and 'image_url' in json.dumps(second[-1])
-    finally: srv.srv.shutdown()
 
 
 def test_eval_tools_server_checkpoint_layout(synth, tmp_path, capsys):

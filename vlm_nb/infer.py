@@ -369,13 +369,14 @@ def run(self:RemoteEngine, images, prompt:str, **overrides)->Trajectory:
     for ev in self.stream(images, prompt, **overrides):
         if isinstance(ev, Finish): return ev.trajectory
 
-# %% ../nbs/06b_infer.ipynb #a6b20012
-GALLERY_FILE = 'gallery.json'
-
+# %% ../nbs/06b_infer.ipynb #2e1c3e4a
 def served_checkpoint(name:str # the served model's name, as given to `RemoteEngine`
                      )->str|None:
-    "`name` when it is also a local checkpoint folder (vLLM names a model it serves from a folder by its path): where `RemoteEngine` reads family, tool layout and system prompt; else None."
+    "`name` when it is also a local checkpoint folder, else None."
     return name if name and (Path(name)/'config.json').is_file() else None
+
+# %% ../nbs/06b_infer.ipynb #a6b20012
+GALLERY_FILE = 'gallery.json'
 
 def find_gallery(model=None, # a checkpoint, training run or LoRA adapter folder
                  source=None, # the input: an image, a video, a folder of images or a dataset file

@@ -397,11 +397,11 @@ def stub_reply(messages: list) -> str:
     return 'I cannot help with that.'
 
 class StubChatServer:
-    "Loopback OpenAI-compatible chat server: fails the first `fail_first` requests, then replies with `reply(messages)`."
+    "Loopback OpenAI-compatible chat server: fails the first `fail_first` requests, then replies with `reply(messages)`; every request body is kept in `bodies`."
     def __init__(self, reply=stub_reply, fail_first: int=0, fail_mode: str='503', # '503' or 'stall'
                  stall: float=2., delay: float=0., model: str='stub'):
         self.reply, self.fail_first, self.fail_mode, self.stall, self.delay, self.model = reply, fail_first, fail_mode, stall, delay, model
-        self.requests, self.failures, self._lock = 0, 0, threading.Lock()
+        self.requests, self.failures, self.bodies, self._lock = 0, 0, [], threading.Lock()
     def __enter__(self):
         from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
         srv = self
@@ -418,7 +418,7 @@ class StubChatServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get('Content-Length', 0))) or b'{}')
                 with srv._lock:
-                    srv.requests += 1; fail = srv.requests <= srv.fail_first; srv.failures += fail
+                    srv.requests += 1; fail = srv.requests <= srv.fail_first; srv.failures += fail; srv.bodies.append(body)
                 if fail and srv.fail_mode == 'stall': time.sleep(srv.stall); return self._send(503, {'error': 'stalled'})
                 if fail: return self._send(503, {'error': {'message': 'overloaded (stub)', 'type': 'server_error'}})
                 if srv.delay: time.sleep(srv.delay)
