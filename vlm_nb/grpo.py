@@ -592,8 +592,7 @@ def generate_groups(engine, # a `vlm_nb.engine.ToolEngine`
         reqs, recs = [], []                       # fresh requests (recorders, forced prefixes) for every try
         for task, s in zip(tasks, seeds):
             q, r = _group_requests(engine, task, G, s, cfg, image_root); reqs += q; recs += r
-        kv = {'kv_tokens': cfg.rollout_kv_tokens} if cfg.rollout_kv_tokens else {}
-        try: trajs = engine.run_batch(reqs, max_batch=backoff['batch'], **kv) if reqs else []; break
+        try: trajs = engine.run_batch(reqs, max_batch=backoff['batch'], kv_tokens=cfg.rollout_kv_tokens) if reqs else []; break
         except Exception as e:
             if not is_oom(e) or backoff['batch'] <= 1: raise
             backoff['batch'] = max(1, backoff['batch']//2); backoff['oom_retries'] += 1
